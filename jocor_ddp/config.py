@@ -1,0 +1,327 @@
+"""Run configuration: nested dataclasses, YAML defaults, dotted ``key=value`` overrides.
+
+Each component owns a small dataclass that validates itself in ``__post_init__``;
+``load_config`` merges a YAML file with command-line overrides, rejects unknown keys
+and wrong types by name, and returns a frozen-in-spirit ``Config``. The resolved
+config is written into the run folder and every checkpoint, so a run can always be
+reproduced from its own files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or impossible."""
+
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "clothing1m", "imagefolder")
+MODELS = ("mlp", "cnn", "resnet18", "resnet34", "resnet50")
+NOISE_TYPES = ("symmetric", "pairflip", "asymmetric", "none", "file")
+METHODS = ("jocor",)
+SELECTIONS = ("global", "local")
+SOURCES = ("memory", "shards")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "gloo", "nccl")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+NONFINITE = ("error", "skip")
+PROGRESS = ("auto", "always", "never")
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _range(key: str, value: float, lo: float, hi: float, *, hi_open: bool = True) -> None:
+    ok = lo <= value < hi if hi_open else lo <= value <= hi
+    if not ok:
+        bracket = ")" if hi_open else "]"
+        raise ConfigError(f"{key}: {value!r} is outside [{lo}, {hi}{bracket}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be a positive number, got {value!r}")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+
+    def __post_init__(self):
+        if not self.dir:
+            raise ConfigError("run.dir: must name a folder")
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"
+    # Folder holding the raw files in their original format (IDX, CIFAR pickles, ...).
+    root: str = "/usr/share/datasets/fashion-mnist"
+    source: str = "memory"
+    shards: Optional[str] = None
+    # Use only the first N training / test samples (small demos and tests); null = all.
+    train_subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    # Random crop (pad 4) and horizontal flip on the device; the reference uses none.
+    augment: bool = False
+
+    def __post_init__(self):
+        _choice("data.name", self.name, DATASETS)
+        _choice("data.source", self.source, SOURCES)
+        if self.source == "shards" and not self.shards:
+            raise ConfigError("data.shards: must name the shard folder when data.source is 'shards'")
+        for key in ("train_subset", "test_subset"):
+            value = getattr(self, key)
+            if value is not None:
+                _positive(f"data.{key}", value)
+
+
+@dataclass
+class NoiseConfig:
+    type: str = "symmetric"
+    rate: float = 0.5
+    # Fixed, whatever the training seed: the reference always corrupts with seed 0.
+    seed: int = 0
+    # For type 'file': per-sample labels (.npy, .txt/.csv one label per line, .json list,
+    # or a torch file of tensors with file_key naming the entry, e.g. CIFAR-10N's 'worse_label').
+    file: Optional[str] = None
+    file_key: Optional[str] = None
+
+    def __post_init__(self):
+        _choice("noise.type", self.type, NOISE_TYPES)
+        _range("noise.rate", self.rate, 0.0, 1.0)
+        if self.type == "none" and self.rate != 0.0:
+            raise ConfigError("noise.rate: must be 0 when noise.type is 'none'")
+        if self.type == "file" and not self.file:
+            raise ConfigError("noise.file: must name a label file when noise.type is 'file'")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "mlp"
+    # 3x3 stride-1 first convolution and no max-pool: the usual ResNet stem for 32x32 inputs.
+    cifar_stem: bool = False
+    # Initial weights from a local file (state_dict); nothing is downloaded at run time.
+    weights: Optional[str] = None
+    sync_bn: bool = False
+
+    def __post_init__(self):
+        _choice("model.arch", self.arch, MODELS)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "jocor"
+    # The reference's code default; the authors advise 0.5-0.9 per dataset (configs/ say which).
+    co_lambda: float = 0.1
+    # tau: null = the noise rate (half of it for asymmetric noise), as in the reference.
+    forget_rate: Optional[float] = None
+    # Tk: epochs over which the forget rate ramps linearly from 0 to tau**c.
+    num_gradual: int = 10
+    # c: the ramp reaches tau**c.
+    exponent: float = 1.0
+
+    def __post_init__(self):
+        _choice("method.name", self.name, METHODS)
+        _range("method.co_lambda", self.co_lambda, 0.0, 1.0, hi_open=False)
+        if self.forget_rate is not None:
+            _range("method.forget_rate", self.forget_rate, 0.0, 1.0)
+        if self.num_gradual < 0:
+            raise ConfigError(f"method.num_gradual: must be >= 0, got {self.num_gradual}")
+        if self.exponent <= 0:
+            raise ConfigError(f"method.exponent: must be > 0, got {self.exponent}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    # The GLOBAL batch: each of W ranks takes batch_size / W samples of every step.
+    batch_size: int = 128
+    lr: float = 0.001
+    # From this epoch the lr falls linearly towards 0 and Adam's beta1 drops to 0.1.
+    epoch_decay_start: int = 80
+    seed: int = 1
+    device: str = "auto"
+    precision: str = "auto"
+    on_nonfinite: str = "error"
+
+    def __post_init__(self):
+        _positive("train.epochs", self.epochs)
+        _positive("train.batch_size", self.batch_size)
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if self.epoch_decay_start < 0:
+            raise ConfigError(f"train.epoch_decay_start: must be >= 0, got {self.epoch_decay_start}")
+        _choice("train.device", self.device, DEVICES)
+        _choice("train.precision", self.precision, PRECISIONS)
+        _choice("train.on_nonfinite", self.on_nonfinite, NONFINITE)
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"
+    # A collective that cannot complete (a peer died) fails after this many seconds.
+    timeout_s: float = 300.0
+
+    def __post_init__(self):
+        _choice("dist.backend", self.backend, BACKENDS)
+        if not self.timeout_s > 0:
+            raise ConfigError(f"dist.timeout_s: must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class LogConfig:
+    progress: str = "auto"
+
+    def __post_init__(self):
+        _choice("log.progress", self.progress, PROGRESS)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # 'global': one small-loss threshold over the all-gathered batch (what one big batch
+    # would select); 'local': each rank selects inside its own shard of the batch.
+    selection: str = "global"
+
+    def __post_init__(self):
+        _choice("selection", self.selection, SELECTIONS)
+        if self.method.forget_rate is None and self.noise.type == "file":
+            raise ConfigError("method.forget_rate: must be set when noise.type is 'file' "
+                              "(the noise rate of a label file is not known in advance)")
+
+    @property
+    def forget_rate(self) -> float:
+        """tau: the final share of each batch left out of the update."""
+        if self.method.forget_rate is not None:
+            return self.method.forget_rate
+        if self.noise.type == "asymmetric":
+            return self.noise.rate / 2
+        return self.noise.rate
+
+    def check_world_size(self, world_size: int) -> None:
+        if self.train.batch_size % world_size:
+            raise ConfigError(
+                f"train.batch_size: the global batch {self.train.batch_size} is not divisible by "
+                f"the world size {world_size}; choose a multiple of {world_size}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- building dataclasses from plain dicts, with errors that name the key ---------------
+
+def _convert(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(key, value, args[0])
+    if value is None:
+        raise ConfigError(f"{key}: must not be null")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key; allowed here: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, data[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _convert(f"{prefix}{name}", data[name], hint)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (['a', 'b'], value); the value is read as YAML (1, 0.5, true, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        tree = loaded or {}
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _set(tree, keys, value)
+    return _build(Config, tree)
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
