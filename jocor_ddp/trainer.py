@@ -184,8 +184,10 @@ class Trainer:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         epoch_s = time.perf_counter() - start
-        totals = all_reduce_sum(self.ctx, torch.stack([kept, kept_known, kept_clean, loss_sum]))
-        kept_v, known_v, clean_v, loss_v = totals.tolist()
+        # A streaming loader counts the bad samples it skipped (data.on_bad_sample: skip).
+        bad = torch.tensor(float(getattr(loader, "bad_samples", 0)), dtype=torch.float64, device=dev)
+        totals = all_reduce_sum(self.ctx, torch.stack([kept, kept_known, kept_clean, loss_sum, bad]))
+        kept_v, known_v, clean_v, loss_v, bad_v = totals.tolist()
         trained = steps - (self.skipped_steps - skipped_before)
         return {
             "epoch": epoch + 1,
@@ -197,6 +199,7 @@ class Trainer:
             "kept": int(kept_v),
             "steps": steps,
             "skipped_steps": self.skipped_steps - skipped_before,
+            "bad_samples": int(bad_v),
             "samples_per_s": steps * self.cfg.train.batch_size / max(epoch_s, 1e-9),
             "epoch_s": epoch_s,
         }
