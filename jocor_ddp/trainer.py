@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .config import Config, dump_config
 from .data import Batch, DataBundle, build_data
 from .dist import DistContext, all_reduce_sum
+from .faults import FaultInjector
 from .methods.jocor import jocor_loss
 from .methods.selection import Selection, select
 from .models import ModelPair, build_pair, unwrap
@@ -84,6 +85,7 @@ class Trainer:
         self.epoch = 0          # 0-based index of the epoch in progress
         self.global_step = 0
         self.skipped_steps = 0
+        self.faults = FaultInjector(ctx.rank)
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -100,8 +102,10 @@ class Trainer:
 
     def train_step(self, batch: Batch, forget_rate: float) -> StepResult:
         self.model.train()
+        self.faults.before_step(self.global_step)
         with self._autocast():
             logits1, logits2 = self.model(batch.x)
+        logits1 = self.faults.corrupt(self.global_step, logits1)
         losses = jocor_loss(logits1, logits2, batch.y, self.cfg.method.co_lambda)
         sel = select(self.cfg.selection, losses, forget_rate, self.ctx)
         self.optimizer.zero_grad(set_to_none=True)

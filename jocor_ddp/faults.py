@@ -1,0 +1,53 @@
+"""Fault injection for tests: ``JOCOR_FAULT=KIND:RANK:STEP[,KIND:RANK:STEP...]``.
+
+KIND is ``crash`` (the rank kills itself with SIGKILL before that global step),
+``sigterm`` (it sends itself SIGTERM, as a preempting scheduler would), or ``nan`` (its
+logits turn NaN on that step). Faults fire only in a job's first attempt
+(TORCHELASTIC_RESTART_COUNT 0), so a job restarted by ``torchrun --max-restarts`` runs on.
+Without the variable nothing here costs anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("crash", "sigterm", "nan")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    rank: int
+    step: int
+
+
+def parse_faults(text: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        parts = item.split(":")
+        if len(parts) != 3 or parts[0] not in KINDS:
+            raise ValueError(f"JOCOR_FAULT: {item!r} is not KIND:RANK:STEP with KIND one of {KINDS}")
+        faults.append(Fault(parts[0], int(parts[1]), int(parts[2])))
+    return faults
+
+
+class FaultInjector:
+    def __init__(self, rank: int):
+        active = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        self.faults = [f for f in parse_faults(os.environ.get("JOCOR_FAULT", "")) if f.rank == rank] if active else []
+
+    def before_step(self, step: int) -> None:
+        for f in self.faults:
+            if f.step == step and f.kind == "crash":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if f.step == step and f.kind == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def corrupt(self, step: int, logits: torch.Tensor) -> torch.Tensor:
+        if any(f.step == step and f.kind == "nan" for f in self.faults):
+            return logits * float("nan")
+        return logits

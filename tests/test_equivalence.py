@@ -1,0 +1,43 @@
+"""W ranks at global batch B must train the same model as one process at batch B."""
+
+import pytest
+import torch
+
+from helpers import make_mnist, run_torchrun
+
+
+def _run(tmp_path, nproc, data, selection="global"):
+    out = tmp_path / f"{selection}-{nproc}.pt"
+    run_torchrun(nproc, ["tests/workers/equivalence.py", str(out),
+                         "data.name=mnist", f"data.root={data}", "model.arch=mlp",
+                         "noise.type=symmetric", "noise.rate=0.5", "method.num_gradual=2",
+                         "method.co_lambda=0.5", "train.batch_size=64", "train.epochs=3",
+                         f"run.dir={tmp_path / f'run-{selection}-{nproc}'}", f"selection={selection}",
+                         "log.progress=never"], timeout=240)
+    return torch.load(out, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=512, n_test=64)
+
+
+def test_two_ranks_equal_one_process(tmp_path, data):
+    one = _run(tmp_path, 1, data)
+    two = _run(tmp_path, 2, data)
+    assert len(one["kept"]) == len(two["kept"]) == 24
+    for step, (a, b) in enumerate(zip(one["kept"], two["kept"])):
+        assert torch.equal(a, b), f"step {step}: different samples kept"
+    # From epoch 2 on the forget rate is 0.5: exactly floor(0.5 * 64) samples are kept.
+    assert all(len(k) == 32 for k in one["kept"][8:])
+    for name, p in one["state"].items():
+        torch.testing.assert_close(two["state"][name], p, atol=1e-5, rtol=0, msg=name)
+
+
+def test_local_selection_differs_from_global(tmp_path, data):
+    """The naive per-rank selection keeps different samples: the test above can fail."""
+    glob = _run(tmp_path, 2, data, "global")
+    local = _run(tmp_path, 2, data, "local")
+    differing = sum(not torch.equal(a, b) for a, b in zip(glob["kept"], local["kept"]))
+    assert differing > 0
+    assert all(len(k) == 32 for k in local["kept"][8:])
