@@ -28,6 +28,9 @@ NOISE_TYPES = ("symmetric", "pairflip", "asymmetric", "none", "file")
 METHODS = ("jocor",)
 SELECTIONS = ("global", "local")
 SOURCES = ("memory", "shards")
+CACHES = ("auto", "device", "stream")
+BAD_SAMPLE = ("error", "skip")
+VERIFY = ("sha256", "size")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -67,12 +70,37 @@ class DataConfig:
     # Folder holding the raw files in their original format (IDX, CIFAR pickles, ...).
     root: str = "/usr/share/datasets/fashion-mnist"
     source: str = "memory"
+    # data.source: shards reads SHARD_DIR/manifest.json and the tars it lists
+    # (written by ``python -m jocor_ddp.prepare``).
     shards: Optional[str] = None
     # Use only the first N training / test samples (small demos and tests); null = all.
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
     # Random crop (pad 4) and horizontal flip on the device; the reference uses none.
+    # (Clothing1M and ImageFolder always take random crops: resize_size, then crop_size.)
     augment: bool = False
+    # Shards only. device: decode every shard once into a uint8 tensor on the training
+    # device; stream: decode in DataLoader workers every epoch; auto: device when the
+    # decoded splits fit in cache_budget_gb (per rank), else stream.
+    cache: str = "auto"
+    cache_budget_gb: float = 8.0
+    # DataLoader worker processes per rank that read and decode shards.
+    num_workers: int = 2
+    # error: a bad sample (undecodable image, label outside [0, C)) stops the run;
+    # skip: it is left out, counted, and the count goes to metrics.jsonl.
+    on_bad_sample: str = "error"
+    # Decode JPEG shards on the GPU (torchvision.io.decode_jpeg) instead of in the workers.
+    gpu_decode: bool = False
+    # Samples each streaming worker holds to shuffle within its shards; 0 = shard order only.
+    shuffle_buffer: int = 1000
+    # The split scored after every epoch (Clothing1M also has 'val').
+    eval_split: str = "test"
+    # sha256: hash every shard on every rank before training; size: check sizes only.
+    verify: str = "sha256"
+    # Datasets of variable image size (Clothing1M, ImageFolder): shorter side resized
+    # to resize_size, then a crop_size square (random for training, central for evaluation).
+    resize_size: int = 256
+    crop_size: int = 224
 
     def __post_init__(self):
         _choice("data.name", self.name, DATASETS)
@@ -83,6 +111,24 @@ class DataConfig:
             value = getattr(self, key)
             if value is not None:
                 _positive(f"data.{key}", value)
+        _choice("data.cache", self.cache, CACHES)
+        if not self.cache_budget_gb > 0:
+            raise ConfigError(f"data.cache_budget_gb: must be > 0, got {self.cache_budget_gb}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        _choice("data.on_bad_sample", self.on_bad_sample, BAD_SAMPLE)
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
+        if not self.eval_split or "/" in self.eval_split:
+            raise ConfigError(f"data.eval_split: {self.eval_split!r} is not a split name (test, val, ...)")
+        if self.source == "memory" and self.eval_split != "test":
+            raise ConfigError("data.eval_split: the memory source has only 'test'; use data.source: shards")
+        _choice("data.verify", self.verify, VERIFY)
+        _positive("data.resize_size", self.resize_size)
+        _positive("data.crop_size", self.crop_size)
+        if self.crop_size > self.resize_size:
+            raise ConfigError(f"data.crop_size: {self.crop_size} is larger than data.resize_size "
+                              f"{self.resize_size}")
 
 
 @dataclass
@@ -151,8 +197,14 @@ class TrainConfig:
     epoch_decay_start: int = 80
     seed: int = 1
     device: str = "auto"
+    # auto: bf16 autocast on CUDA devices that support it, fp32 elsewhere; fp16 adds a GradScaler.
     precision: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
     on_nonfinite: str = "error"
+    # auto: continue from the newest checkpoint in RUN/checkpoints that loads; never: start
+    # fresh; any other value: the path of a checkpoint to continue from.
+    resume: str = "auto"
 
     def __post_init__(self):
         _positive("train.epochs", self.epochs)
@@ -164,6 +216,21 @@ class TrainConfig:
         _choice("train.device", self.device, DEVICES)
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.on_nonfinite", self.on_nonfinite, NONFINITE)
+        if not self.resume:
+            raise ConfigError("train.resume: must be 'auto', 'never' or the path of a checkpoint")
+
+
+@dataclass
+class CheckpointConfig:
+    # Also at every epoch end; 0 = at epoch ends only.
+    every_steps: int = 0
+    # How many of the newest checkpoints to keep.
+    keep: int = 3
+
+    def __post_init__(self):
+        if self.every_steps < 0:
+            raise ConfigError(f"checkpoint.every_steps: must be >= 0, got {self.every_steps}")
+        _positive("checkpoint.keep", self.keep)
 
 
 @dataclass
@@ -194,6 +261,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # 'global': one small-loss threshold over the all-gathered batch (what one big batch

@@ -74,12 +74,31 @@ def init_distributed(cfg: Config) -> DistContext:
     if world_size == 1 and not dist.is_initialized():
         return DistContext(0, 0, 1, device, "none")
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=cfg.dist.timeout_s)
         kwargs = {}
         if backend == "nccl":
             kwargs["device_id"] = device
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=cfg.dist.timeout_s), **kwargs)
+        dist.init_process_group(backend=backend, store=_make_store(rank, world_size, timeout), rank=rank,
+                                world_size=world_size, timeout=timeout, **kwargs)
     return DistContext(rank, local_rank, world_size, device, backend)
+
+
+def _make_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, with a prefix per torchrun attempt.
+
+    torchrun keeps its store across ``--max-restarts``: without the prefix, restarted
+    workers read the addresses their dead predecessors published there and the process
+    group cannot connect ("Gloo connectFullMesh failed ... Connection refused")."""
+    try:
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError):
+        raise ConfigError("WORLD_SIZE > 1 but MASTER_ADDR / MASTER_PORT are not set: "
+                          "start the workers with torchrun") from None
+    # Under torchrun the agent hosts the store; a hand-made launcher leaves it to rank 0.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") == "True"
+    store = dist.TCPStore(addr, port, world_size, is_master=rank == 0 and not agent_store, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"jocor_ddp/attempt-{attempt}", store)
 
 
 def close_distributed() -> None:
@@ -107,15 +126,57 @@ def all_reduce_sum(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_rank(ctx: DistContext, flag: bool) -> bool:
-    """True on every rank when the flag is true on any rank (all ranks must call it)."""
+def max_over_ranks(ctx: DistContext, value: int) -> int:
+    """The largest of the ranks' values, on every rank (all ranks must call it)."""
     if not ctx.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return int(t.item())
 
 
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+def all_gather_objects(ctx: DistContext, obj):
+    """Every rank's picklable object, in rank order (between trusted peers of one job)."""
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def agree(ctx: DistContext, fn, *, every_rank: bool = False):
+    """Run ``fn`` on rank 0 (or on every rank) and make its outcome everyone's.
+
+    With ``every_rank=False`` rank 0's result is broadcast; with ``every_rank=True`` each
+    rank keeps its own result. Either way, an exception on any rank is raised on every
+    rank with the same message, instead of leaving the others waiting in a collective."""
+    result, error = None, None
+    if every_rank or ctx.is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # re-raised below, on every rank
+            error = exc
+    if not ctx.distributed:
+        if error is not None:
+            raise error
+        return result
+    outcomes = all_gather_objects(ctx, (type(error).__name__, str(error)) if error is not None else None)
+    for rank, outcome in enumerate(outcomes):
+        if outcome is not None:
+            if error is not None:
+                raise error
+            raise RemoteError(f"{outcome[1]} (raised on rank {rank} as {outcome[0]})")
+    if every_rank:
+        return result
+    payload = [result]
+    dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+class RemoteError(RuntimeError):
+    """Another rank failed; the message is its message."""

@@ -1,8 +1,9 @@
 """Fault injection for tests: ``JOCOR_FAULT=KIND:RANK:STEP[,KIND:RANK:STEP...]``.
 
 KIND is ``crash`` (the rank kills itself with SIGKILL before that global step),
-``sigterm`` (it sends itself SIGTERM, as a preempting scheduler would), or ``nan`` (its
-logits turn NaN on that step). Faults fire only in a job's first attempt
+``sigterm`` (it sends itself SIGTERM, as a preempting scheduler would), ``hang`` (it
+stops answering, so its peers wait in a collective) or ``nan`` (its logits turn NaN on
+that step). Faults fire only in a job's first attempt
 (TORCHELASTIC_RESTART_COUNT 0), so a job restarted by ``torchrun --max-restarts`` runs on.
 Without the variable nothing here costs anything.
 """
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import torch
 
-KINDS = ("crash", "sigterm", "nan")
+KINDS = ("crash", "sigterm", "hang", "nan")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,11 @@ class FaultInjector:
                 os.kill(os.getpid(), signal.SIGKILL)
             if f.step == step and f.kind == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
+            if f.step == step and f.kind == "hang":
+                # Wedged, yet still ended by torchrun's SIGTERM when the peers give up.
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                while True:
+                    time.sleep(3600)
 
     def corrupt(self, step: int, logits: torch.Tensor) -> torch.Tensor:
         if any(f.step == step and f.kind == "nan" for f in self.faults):

@@ -6,23 +6,34 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, dump_config, load_config
 from .data import DataError
-from .dist import close_distributed, init_distributed
+from .dist import RemoteError, close_distributed, init_distributed
+from .preemption import Preempted
 from .trainer import NonFiniteError, Trainer
+
+# Errors every rank reaches on the same input: each rank says it, none waits for the others.
+EXPECTED = (ConfigError, DataError, NonFiniteError, CheckpointError, RemoteError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m jocor_ddp.train",
         description="Train a JoCoR network pair on noisy labels (one process, or DDP workers "
-                    "started by torchrun).",
+                    "started by torchrun). Resumes from RUN/checkpoints by default.",
         epilog="Overrides are dotted keys, e.g. train.epochs=5 noise.rate=0.2 selection=local. "
                "See README.md for every key.")
     p.add_argument("--config", help="YAML config file (configs/*.yaml)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_args(argv)
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(s in text for s in ("Timed out", "timed out", "Connection closed", "Connection reset",
+                                   "NCCL", "Gloo", "gloo"))
 
 
 def main(argv=None) -> int:
@@ -37,13 +48,22 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     try:
-        trainer = Trainer(cfg, ctx)
-        trainer.fit()
+        Trainer(cfg, ctx).fit()
         return 0
-    except (ConfigError, DataError, NonFiniteError) as exc:
-        # Every rank reaches the same verdict on the same input, so every rank says it.
+    except Preempted as exc:
+        if ctx.is_main:
+            print(f"jocor_ddp: {exc}; rerun the same command to continue", flush=True)
+        return 0
+    except EXPECTED as exc:
         print(f"error (rank {ctx.rank}): {exc}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as exc:
+        if not is_collective_failure(exc):
+            raise
+        print(f"error (rank {ctx.rank}): a collective did not complete (a peer died, hangs or is "
+              f"unreachable; dist.timeout_s={cfg.dist.timeout_s:g}): {str(exc).splitlines()[0]}",
+              file=sys.stderr, flush=True)
+        return 3
     finally:
         close_distributed()
 

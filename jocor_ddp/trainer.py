@@ -22,13 +22,17 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from . import __version__
+from .checkpoint import (CheckpointError, checkpoint_dir, find_resume, load_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state)
 from .config import Config, dump_config
 from .data import Batch, DataBundle, build_data
-from .dist import DistContext, all_reduce_sum
+from .dist import DistContext, agree, all_gather_objects, all_reduce_sum, max_over_ranks
 from .faults import FaultInjector
 from .methods.jocor import jocor_loss
 from .methods.selection import Selection, select
 from .models import ModelPair, build_pair, unwrap
+from .preemption import Preempted, StopFlag
 from .progress import Progress, progress_enabled
 from .schedule import forget_rate_schedule, lr_beta1_schedule
 
@@ -57,6 +61,47 @@ class StepResult:
     skipped: bool
 
 
+@dataclass
+class EpochAccumulator:
+    """An epoch's counters, kept on the device and read once at its end. They travel in
+    mid-epoch checkpoints, so that a resumed epoch reports what an uninterrupted one would."""
+    counts: torch.Tensor    # float64 (4,): kept, kept with a known clean label, kept and clean, bad samples
+    loss_sum: torch.Tensor  # float64: sum over steps of the mean kept loss (the same on every rank)
+    trained_steps: int = 0
+    skipped_steps: int = 0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "EpochAccumulator":
+        return cls(torch.zeros(4, dtype=torch.float64, device=device),
+                   torch.zeros((), dtype=torch.float64, device=device))
+
+    def add(self, result: StepResult, batch: Batch) -> None:
+        if result.skipped:
+            self.skipped_steps += 1
+            return
+        sel = result.selection
+        known = batch.clean >= 0
+        self.counts[0] += sel.local_mask.sum()
+        self.counts[1] += (sel.local_mask & known).sum()
+        self.counts[2] += (sel.local_mask & known & (batch.y == batch.clean)).sum()
+        # where() rather than boolean indexing: no host sync in the step.
+        self.loss_sum += torch.where(sel.global_mask, sel.global_losses, 0.0).double().sum() / sel.num_kept
+        self.trained_steps += 1
+
+    def state(self, ctx: DistContext) -> dict:
+        """Totals over all ranks (a collective): integers in float64, so the sum is exact
+        and a resume with another world size continues the same totals."""
+        totals = all_reduce_sum(ctx, self.counts.clone())
+        return {"counts": totals.cpu(), "loss_sum": self.loss_sum.cpu(),
+                "trained_steps": self.trained_steps, "skipped_steps": self.skipped_steps}
+
+    @classmethod
+    def from_state(cls, state: dict, ctx: DistContext) -> "EpochAccumulator":
+        counts = state["counts"] if ctx.is_main else torch.zeros(4, dtype=torch.float64)
+        return cls(counts.to(ctx.device), state["loss_sum"].to(ctx.device),
+                   state["trained_steps"], state["skipped_steps"])
+
+
 class Trainer:
     def __init__(self, cfg: Config, ctx: DistContext, data: Optional[DataBundle] = None):
         self.cfg = cfg
@@ -69,12 +114,16 @@ class Trainer:
                           self.data.image_size, seed=cfg.train.seed)
         if cfg.model.sync_bn and ctx.device.type == "cuda" and ctx.distributed:
             pair = torch.nn.SyncBatchNorm.convert_sync_batchnorm(pair)
-        self.pair: ModelPair = pair.to(ctx.device)
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.pair: ModelPair = pair.to(ctx.device, memory_format=memory_format)
+        self.memory_format = memory_format
         if ctx.distributed:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.model: torch.nn.Module = DDP(self.pair, device_ids=ids)
         else:
             self.model = self.pair
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
         self.optimizer = torch.optim.Adam(self.pair.parameters(), lr=cfg.train.lr)
         self.precision = resolve_precision(cfg.train.precision, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "fp16")
@@ -86,6 +135,7 @@ class Trainer:
         self.global_step = 0
         self.skipped_steps = 0
         self.faults = FaultInjector(ctx.rank)
+        self.stop = StopFlag()
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -103,8 +153,9 @@ class Trainer:
     def train_step(self, batch: Batch, forget_rate: float) -> StepResult:
         self.model.train()
         self.faults.before_step(self.global_step)
+        x = batch.x.contiguous(memory_format=self.memory_format) if batch.x.dim() == 4 else batch.x
         with self._autocast():
-            logits1, logits2 = self.model(batch.x)
+            logits1, logits2 = self.model(x)
         logits1 = self.faults.corrupt(self.global_step, logits1)
         losses = jocor_loss(logits1, logits2, batch.y, self.cfg.method.co_lambda)
         sel = select(self.cfg.selection, losses, forget_rate, self.ctx)
@@ -156,57 +207,61 @@ class Trainer:
             group["lr"] = self.lrs[epoch]
             group["betas"] = (self.beta1s[epoch], 0.999)
 
-    def train_epoch(self, epoch: int, start_step: int = 0) -> dict:
+    def train_epoch(self, epoch: int, start_step: int = 0, acc: Optional[EpochAccumulator] = None) -> dict:
+        """Train epoch ``epoch`` from ``start_step`` on; ``acc`` carries the counters of the
+        steps before it when a run resumes mid-epoch."""
         self.epoch = epoch
         self._set_schedule(epoch)
         forget_rate = float(self.forget_rates[epoch])
         loader = self.data.train
-        dev = self.ctx.device
-        # Counters live on the device; they are read once, at the end of the epoch.
-        kept = torch.zeros((), dtype=torch.float64, device=dev)
-        kept_known = torch.zeros((), dtype=torch.float64, device=dev)
-        kept_clean = torch.zeros((), dtype=torch.float64, device=dev)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        steps = 0
-        skipped_before = self.skipped_steps
+        acc = acc or EpochAccumulator.zeros(self.ctx.device)
+        every = self.cfg.checkpoint.every_steps
         bar = Progress(loader.steps_per_epoch - start_step, f"epoch {epoch + 1}/{self.cfg.train.epochs}",
                        progress_enabled(self.cfg.log.progress, self.ctx.is_main))
         start = time.perf_counter()
+        step = start_step
         for batch in loader.epoch(epoch, start_step):
             result = self.train_step(batch, forget_rate)
-            sel = result.selection
-            if not result.skipped:
-                known = batch.clean >= 0
-                kept += sel.local_mask.sum()
-                kept_known += (sel.local_mask & known).sum()
-                kept_clean += (sel.local_mask & known & (batch.y == batch.clean)).sum()
-                # The global mean of the kept losses is the same number on every rank.
-                loss_sum += sel.global_losses[sel.global_mask].double().mean() / self.ctx.world_size
-            steps += 1
-            bar.update(steps)
+            acc.add(result, batch)
+            step += 1
+            bar.update(step - start_step)
+            last = step == loader.steps_per_epoch
+            stop = self._stop_agreed()
+            if stop or (every and self.global_step % every == 0 and not last):
+                self.save(epoch, step, acc)
+            if stop:
+                bar.close()
+                raise Preempted(f"stopped by signal {stop} at epoch {epoch + 1}, "
+                                f"step {step}/{loader.steps_per_epoch}; checkpoint written")
         bar.close()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
         epoch_s = time.perf_counter() - start
+        done = step - start_step
         # A streaming loader counts the bad samples it skipped (data.on_bad_sample: skip).
-        bad = torch.tensor(float(getattr(loader, "bad_samples", 0)), dtype=torch.float64, device=dev)
-        totals = all_reduce_sum(self.ctx, torch.stack([kept, kept_known, kept_clean, loss_sum, bad]))
-        kept_v, known_v, clean_v, loss_v, bad_v = totals.tolist()
-        trained = steps - (self.skipped_steps - skipped_before)
+        counts = all_reduce_sum(self.ctx, acc.counts + torch.tensor(
+            [0, 0, 0, float(getattr(loader, "bad_samples", 0))], dtype=torch.float64, device=self.ctx.device))
+        kept, known, clean, bad = counts.tolist()
+        trained = acc.trained_steps
         return {
             "epoch": epoch + 1,
             "lr": self.lrs[epoch],
             "beta1": self.beta1s[epoch],
             "forget_rate": forget_rate,
-            "train_loss": loss_v / max(trained, 1),
-            "label_precision": clean_v / known_v if known_v else None,
-            "kept": int(kept_v),
-            "steps": steps,
-            "skipped_steps": self.skipped_steps - skipped_before,
-            "bad_samples": int(bad_v),
-            "samples_per_s": steps * self.cfg.train.batch_size / max(epoch_s, 1e-9),
+            "train_loss": acc.loss_sum.item() / max(trained, 1),
+            "label_precision": clean / known if known else None,
+            "kept": int(kept),
+            "steps": loader.steps_per_epoch,
+            "skipped_steps": acc.skipped_steps,
+            "bad_samples": int(bad),
+            "samples_per_s": done * self.cfg.train.batch_size / max(epoch_s, 1e-9),
             "epoch_s": epoch_s,
         }
+
+    def _stop_agreed(self) -> int:
+        """The signal (SIGTERM / SIGINT) any rank got, else 0: one small all-reduce per step,
+        so that all ranks stop after the same step."""
+        return max_over_ranks(self.ctx, self.stop.signum or 0)
 
     # --- evaluation -----------------------------------------------------------------
 
@@ -244,21 +299,126 @@ class Trainer:
               f"label precision {precision_s}  test acc {row['test_acc1']:.2f}% / {row['test_acc2']:.2f}%  "
               f"{row['samples_per_s']:.0f} samples/s  {row['epoch_s']:.1f}s", flush=True)
 
-    def fit(self, start_epoch: int = 0) -> list[dict]:
-        rows = []
+    # --- checkpoints ----------------------------------------------------------------
+
+    def save(self, epoch: int, step_in_epoch: int, acc: Optional[EpochAccumulator]) -> None:
+        """Checkpoint the position "epoch ``epoch``, ``step_in_epoch`` steps done". Every rank
+        calls it (the counters and RNG states are gathered); rank 0 writes the file."""
+        acc_state = acc.state(self.ctx) if acc is not None else None
+        rngs = all_gather_objects(self.ctx, rng_state())
+        if not self.ctx.is_main:
+            return
+        state = {
+            "format": 1,
+            "package_version": __version__,
+            "torch_version": str(torch.__version__),  # TorchVersion is not a plain str
+            "model": unwrap(self.pair).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": self.global_step,
+            "completed_epochs": epoch,  # epochs before `epoch` are done, with their metrics rows
+            "skipped_steps": self.skipped_steps,
+            "data_position": {"epoch": epoch, "step": step_in_epoch, "seed": self.cfg.train.seed,
+                              "global_batch": self.cfg.train.batch_size},
+            "epoch_counters": acc_state,
+            "rng": rngs,
+            "config": self.cfg.to_dict(),
+            "world_size": self.ctx.world_size,
+            "precision": self.precision,
+        }
+        path = save_checkpoint(state, checkpoint_dir(self.run_dir), self.global_step, self.cfg.checkpoint.keep)
+        self.last_checkpoint = path
+
+    def restore(self) -> tuple[int, int, Optional[EpochAccumulator]]:
+        """Continue from a checkpoint per train.resume; returns (epoch, step, counters)."""
+        folder = checkpoint_dir(self.run_dir)
+        # Rank 0 chooses (so all ranks agree on the file), every rank loads it (run.dir is on
+        # storage all nodes share); a failure anywhere is raised on every rank.
+        chosen = agree(self.ctx, lambda: str(p) if (p := find_resume(self.cfg.train.resume, folder)[0]) else None)
+        if chosen is None:
+            if self.cfg.train.resume == "auto" and self.ctx.is_main and list(folder.glob("step-*.pt")):
+                print(f"warning: no checkpoint in {folder} could be loaded; starting fresh", flush=True)
+            return 0, 0, None
+        state = agree(self.ctx, lambda: self._load_state(load_checkpoint(chosen), chosen), every_rank=True)
         if self.ctx.is_main:
-            n = self.data.train.num_samples
-            noise = self.data.noise
-            noise_s = (f"{noise.type} {noise.rate:g} (actual {100 * noise.actual_rate:.2f}% wrong)"
-                       if noise is not None else "given labels")
-            print(f"jocor_ddp: {self.cfg.data.name} ({n} train / {self.data.test_samples} test), "
-                  f"{self.cfg.model.arch} pair, noise {noise_s}, {self.ctx.world_size} rank(s) on "
-                  f"{self.ctx.device.type}, global batch {self.cfg.train.batch_size}, "
-                  f"{self.data.train.steps_per_epoch} steps/epoch, selection {self.cfg.selection}, "
-                  f"precision {self.precision}", flush=True)
-        for epoch in range(start_epoch, self.cfg.train.epochs):
-            row = self.train_epoch(epoch)
-            row.update(self.evaluate())
-            self.log(row)
-            rows.append(row)
+            print(f"resumed from {chosen}: epoch {state['epoch'] + 1}, step {state['step_in_epoch']}, "
+                  f"global step {state['global_step']}", flush=True)
+            self._truncate_metrics(state["epoch"])
+        acc = EpochAccumulator.from_state(state["epoch_counters"], self.ctx) if state["epoch_counters"] else None
+        return state["epoch"], state["step_in_epoch"], acc
+
+    def _load_state(self, state: dict, path: str) -> dict:
+        saved_batch = state["config"]["train"]["batch_size"]
+        if saved_batch != self.cfg.train.batch_size:
+            raise CheckpointError(f"checkpoint {path} was trained with global batch {saved_batch}, this run "
+                                  f"asks for {self.cfg.train.batch_size}: set train.batch_size={saved_batch} "
+                                  f"or start a new run.dir")
+        if state["world_size"] != self.ctx.world_size and state["step_in_epoch"] > 0 \
+                and not getattr(self.data.train, "world_size_invariant", False):
+            raise CheckpointError(
+                f"checkpoint {path} stopped mid-epoch under {state['world_size']} ranks; this loader's "
+                f"order depends on the world size, so {self.ctx.world_size} ranks cannot continue that "
+                f"epoch exactly: resume with {state['world_size']} ranks or from an epoch-end checkpoint")
+        try:
+            self.pair.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {path} does not fit this model ({self.cfg.model.arch}): "
+                                  f"{str(exc).splitlines()[0]}") from None
+        self.scaler.load_state_dict(state["scaler"])
+        self.global_step = state["global_step"]
+        self.skipped_steps = state["skipped_steps"]
+        rngs = state["rng"]
+        set_rng_state(rngs[self.ctx.rank % len(rngs)])
+        return state
+
+    def _truncate_metrics(self, completed_epochs: int) -> None:
+        """Drop rows of epochs after the checkpoint: a crash between a row and its checkpoint
+        must not leave the row twice once the epoch is trained again."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        keep = [line for line in rows if json.loads(line)["epoch"] <= completed_epochs]
+        if len(keep) != len(rows):
+            path.write_text("".join(line + "\n" for line in keep))
+
+    # --- the run --------------------------------------------------------------------
+
+    def fit(self) -> list[dict]:
+        """Train (resuming per train.resume) to the last epoch; returns this call's rows.
+        Raises Preempted after writing a checkpoint when a rank got SIGTERM / SIGINT."""
+        start_epoch, start_step, acc = self.restore()
+        self._announce()
+        rows = []
+        self.stop.install()
+        try:
+            for epoch in range(start_epoch, self.cfg.train.epochs):
+                row = self.train_epoch(epoch, start_step, acc)
+                start_step, acc = 0, None
+                row.update(self.evaluate())
+                self.log(row)
+                self.save(epoch + 1, 0, None)
+                rows.append(row)
+                stop = self._stop_agreed()
+                if stop:
+                    raise Preempted(f"stopped by signal {stop} after epoch {epoch + 1}; "
+                                    f"checkpoint written")
+        finally:
+            self.stop.restore()
         return rows
+
+    def _announce(self) -> None:
+        if not self.ctx.is_main:
+            return
+        n = self.data.train.num_samples
+        noise = self.data.noise
+        noise_s = (f"{noise.type} {noise.rate:g} (actual {100 * noise.actual_rate:.2f}% wrong)"
+                   if noise is not None else "given labels")
+        print(f"jocor_ddp: {self.cfg.data.name} ({n} train / {self.data.test_samples} test), "
+              f"{self.cfg.model.arch} pair, noise {noise_s}, {self.ctx.world_size} rank(s) on "
+              f"{self.ctx.device.type}, global batch {self.cfg.train.batch_size}, "
+              f"{self.data.train.steps_per_epoch} steps/epoch, selection {self.cfg.selection}, "
+              f"precision {self.precision}", flush=True)

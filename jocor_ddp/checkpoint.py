@@ -1,0 +1,133 @@
+"""Atomic checkpoints, and finding the one to resume from.
+
+A checkpoint counts only once complete: rank 0 writes a temporary file, flushes and
+fsyncs it, renames it over ``RUN/checkpoints/step-N.pt`` and fsyncs the folder, so a
+crash or a preemption mid-write leaves the previous checkpoints intact. Files are read
+with ``torch.load(weights_only=True)``: a tampered checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file holds objects that only an unrestricted unpickler could build."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, newest (highest step) first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict, folder: Path, step: int, keep: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step}.pt"
+    tmp = folder / f".step-{step}.pt.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    for old in list_checkpoints(folder)[keep:]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses any global outside tensors and plain containers.
+        lines = [line.strip() for line in str(exc).splitlines()]
+        detail = next((line for line in lines if "Unsupported" in line or "unsupported" in line), lines[-1])
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} refused: it holds objects that only a full unpickler could build "
+            f"(they could run code), so nothing in it was loaded or run. Delete it unless you made "
+            f"it yourself. Detail: {detail}") from None
+    except Exception as exc:  # truncated zip, bad magic, EOF, ...
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != 1:
+        raise CheckpointError(f"checkpoint {path}: not a jocor_ddp checkpoint (no format 1 marker)")
+    return state
+
+
+def find_resume(resume: str, folder: Path) -> tuple[Optional[Path], Optional[dict]]:
+    """The checkpoint to continue from: ``never`` -> none; a path -> that file (errors are
+    fatal); ``auto`` -> the newest that loads, skipping unreadable ones with a warning. An
+    unsafe file stops an auto resume too: falling back past a tampered file would hide it."""
+    if resume == "never":
+        return None, None
+    if resume != "auto":
+        return Path(resume), load_checkpoint(resume)
+    for path in list_checkpoints(folder):
+        try:
+            return path, load_checkpoint(path)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as exc:
+            print(f"warning: {exc}; trying an older checkpoint", file=sys.stderr, flush=True)
+    return None, None
+
+
+# --- RNG state as plain tensors and lists, so that weights_only can load it -------------
+
+def rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "numpy": {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,42 @@
+"""Data: readers for the original formats, noise applied once, loaders per rank."""
+
+from __future__ import annotations
+
+from ..config import Config
+from ..dist import DistContext
+from ..noise import make_noisy_labels
+from .memory import MemoryEvalLoader, MemoryTrainLoader
+from .sources import DataError, load_arrays, subset
+from .types import Batch, DataBundle, EvalBatch
+
+__all__ = ["Batch", "DataBundle", "DataError", "EvalBatch", "build_data"]
+
+
+def build_data(cfg: Config, ctx: DistContext) -> DataBundle:
+    if cfg.data.source == "shards":
+        # Imported here: the memory source needs neither webdataset nor torchvision.io.
+        from .stream import build_shard_bundle
+        return build_shard_bundle(cfg, ctx)
+    if cfg.data.source != "memory":
+        raise DataError(f"data.source: {cfg.data.source!r} is not available in this build")
+    return _build_memory(cfg, ctx)
+
+
+def _build_memory(cfg: Config, ctx: DistContext) -> DataBundle:
+    arrays = load_arrays(cfg.data.name, cfg.data.root)
+    train = subset(arrays.train, cfg.data.train_subset)
+    test = subset(arrays.test, cfg.data.test_subset)
+    # Noise is drawn on the whole training split, before it is divided among ranks.
+    noisy, info = make_noisy_labels(cfg.noise, train.labels, arrays.num_classes, cfg.data.name)
+    try:
+        train_loader = MemoryTrainLoader(
+            train.images, noisy, train.labels, global_batch=cfg.train.batch_size,
+            rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
+            device=ctx.device, augment=cfg.data.augment)
+    except ValueError as exc:
+        raise DataError(f"{cfg.data.name}: {exc}") from None
+    test_loader = MemoryEvalLoader(test.images, test.labels, rank=ctx.rank,
+                                   world_size=ctx.world_size, device=ctx.device)
+    _, h, _, c = train.images.shape
+    return DataBundle(name=cfg.data.name, classes=arrays.classes, in_channels=c, image_size=h,
+                      train=train_loader, test=test_loader, test_samples=len(test), noise=info)

@@ -1,0 +1,99 @@
+"""The in-memory loader: the whole split as one uint8 tensor on the training device.
+
+Small datasets (MNIST, CIFAR) are fed the way airbench feeds CIFAR: no DataLoader in
+the hot loop, the batch is an index into a device tensor. The order of an epoch is a
+global permutation drawn from (train.seed, epoch) alone, and rank r of W takes the r-th
+slice of every global batch, so W ranks at batch B/W see exactly the samples that one
+process at batch B sees, in the same positions.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .types import Batch, EvalBatch
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def to_float(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float in [0, 1]: torchvision's ToTensor, the reference's only transform."""
+    return images_u8.float().div_(255.0)
+
+
+def random_crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Batched random crop (zero padding ``pad``) and horizontal flip, all on the device."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = torch.arange(h, device=x.device)[None, :] + shifts[:, 0:1]
+    cols = torch.arange(w, device=x.device)[None, :] + shifts[:, 1:2]
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+class MemoryTrainLoader:
+    # The order is one global permutation, sliced per rank: a run stopped mid-epoch under
+    # W ranks continues exactly the same global batches under any other world size.
+    world_size_invariant = True
+
+    def __init__(self, images: np.ndarray, noisy: np.ndarray, clean: np.ndarray, *,
+                 global_batch: int, rank: int, world_size: int, seed: int,
+                 device: torch.device, augment: bool = False):
+        n = int(noisy.shape[0])
+        if n < global_batch:
+            raise ValueError(f"the training split has {n} samples, fewer than one global batch "
+                             f"of {global_batch}; lower train.batch_size")
+        # uint8 NHWC -> NCHW once; 4x smaller on the device than float.
+        self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+        self.noisy = torch.from_numpy(noisy).to(device)
+        self.clean = torch.from_numpy(clean).to(device)
+        self.num_samples = n
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.rank = rank
+        self.seed = seed
+        self.device = device
+        self.augment = augment
+        # Training drops the last partial batch (as the reference does): every rank runs
+        # the same number of steps, so no rank waits alone in a collective.
+        self.steps_per_epoch = n // global_batch
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        order = torch.from_numpy(epoch_permutation(self.num_samples, self.seed, epoch)).to(self.device)
+        if self.augment:
+            # Drawn per global position, so the same sample gets the same crop whatever W is.
+            rng = np.random.default_rng([self.seed, epoch, 1])
+            shifts = torch.from_numpy(rng.integers(0, 9, size=(self.num_samples, 2))).to(self.device)
+            flips = torch.from_numpy(rng.random(self.num_samples) < 0.5).to(self.device)
+        for step in range(start_step, self.steps_per_epoch):
+            lo = step * self.global_batch + self.rank * self.local_batch
+            idx = order[lo:lo + self.local_batch]
+            x = to_float(self.images[idx])
+            if self.augment:
+                x = random_crop_flip(x, shifts[lo:lo + self.local_batch], flips[lo:lo + self.local_batch])
+            yield Batch(x=x, y=self.noisy[idx], clean=self.clean[idx], idx=idx)
+
+
+class MemoryEvalLoader:
+    """Rank r scores the r-th contiguous share of the test split: every sample once."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, *, rank: int, world_size: int,
+                 device: torch.device, batch_size: int = 1000):
+        n = int(labels.shape[0])
+        lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+        self.images = torch.from_numpy(np.ascontiguousarray(images[lo:hi].transpose(0, 3, 1, 2))).to(device)
+        self.labels = torch.from_numpy(labels[lo:hi]).to(device)
+        self.num_samples = n
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        for lo in range(0, self.labels.shape[0], self.batch_size):
+            yield EvalBatch(x=to_float(self.images[lo:lo + self.batch_size]),
+                            y=self.labels[lo:lo + self.batch_size])

@@ -1,0 +1,167 @@
+"""Exact resume under faults: real SIGKILL, SIGTERM and torchrun restarts, 2 ranks (gloo).
+
+Every interrupted run must end where the uninterrupted run A ends: the same parameters,
+bit for bit, and the same metrics.jsonl rows (time fields aside)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from helpers import child_env, make_mnist, run_torchrun
+from jocor_ddp.checkpoint import list_checkpoints
+
+TIME_FIELDS = {"epoch_s", "samples_per_s", "eval_s"}
+EPOCHS, STEPS = 3, 8
+
+
+def _args(data, run_dir, *extra):
+    return ["-m", "jocor_ddp.train", "data.name=mnist", f"data.root={data}", "model.arch=mlp",
+            "train.batch_size=32", f"train.epochs={EPOCHS}", "method.num_gradual=2", "noise.rate=0.4",
+            "checkpoint.every_steps=3", "checkpoint.keep=20", "log.progress=never", f"run.dir={run_dir}",
+            *extra]
+
+
+def _rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIME_FIELDS} for r in rows]
+
+
+def _final_model(run_dir):
+    newest = list_checkpoints(run_dir / "checkpoints")[0]
+    state = torch.load(newest, weights_only=True)
+    assert state["global_step"] == EPOCHS * STEPS and state["epoch"] == EPOCHS
+    return state["model"]
+
+
+def assert_same_run(run_dir, reference_dir):
+    assert _rows(run_dir) == _rows(reference_dir)
+    a, b = _final_model(run_dir), _final_model(reference_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=64)
+
+
+@pytest.fixture(scope="module")
+def run_a(data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run_a")
+    run_torchrun(2, _args(data, run_dir))
+    assert len(_rows(run_dir)) == EPOCHS
+    return run_dir
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(data, run_a, tmp_path):
+    run_dir = tmp_path / "run"
+    # Rank 1 is SIGKILLed before global step 13 (epoch 2, step 5); the newest checkpoint is step 12.
+    crashed = run_torchrun(2, _args(data, run_dir), env=child_env(JOCOR_FAULT="crash:1:13"), check=False)
+    assert crashed.returncode != 0
+    assert list_checkpoints(run_dir / "checkpoints")[0].name == "step-12.pt"
+    assert len(_rows(run_dir)) == 1
+    resumed = run_torchrun(2, _args(data, run_dir))
+    assert "resumed from" in resumed.stdout and "step-12.pt" in resumed.stdout
+    assert_same_run(run_dir, run_a)
+
+
+def test_sigterm_checkpoints_at_that_step_exits_0_and_resumes(data, run_a, tmp_path):
+    run_dir = tmp_path / "run"
+    stopped = run_torchrun(2, _args(data, run_dir), env=child_env(JOCOR_FAULT="sigterm:1:10"))
+    assert stopped.returncode == 0
+    # SIGTERM arrived during global step 10; all ranks stopped after it, at step 11.
+    assert list_checkpoints(run_dir / "checkpoints")[0].name == "step-11.pt"
+    assert "stopped by signal 15 at epoch 2, step 3/8" in stopped.stdout
+    run_torchrun(2, _args(data, run_dir))
+    assert_same_run(run_dir, run_a)
+
+
+def test_truncated_newest_checkpoint_falls_back_with_warning(data, run_a, tmp_path):
+    run_dir = tmp_path / "run"
+    run_torchrun(2, _args(data, run_dir), env=child_env(JOCOR_FAULT="crash:0:20"), check=False)
+    newest = list_checkpoints(run_dir / "checkpoints")[0]
+    assert newest.name == "step-18.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    resumed = run_torchrun(2, _args(data, run_dir))
+    assert "warning: checkpoint" in resumed.stderr and "step-18.pt: cannot be read" in resumed.stderr
+    assert "step-16.pt" in resumed.stdout  # the epoch-2 end checkpoint, the one before
+    assert_same_run(run_dir, run_a)
+
+
+def test_torchrun_max_restarts_recovers_from_a_crash(data, run_a, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_torchrun(2, _args(data, run_dir), env=child_env(JOCOR_FAULT="crash:1:7"),
+                        extra_torchrun=["--max-restarts=1"], timeout=240)
+    assert proc.returncode == 0
+    assert "resumed from" in proc.stdout and "step-6.pt" in proc.stdout
+    assert_same_run(run_dir, run_a)
+
+
+def test_resume_with_another_world_size_continues_the_same_epoch(data, run_a, tmp_path):
+    """The in-memory loader's order is one global permutation: 1 rank can finish what 2
+    ranks started (parameters then agree to float tolerance, not bit for bit)."""
+    run_dir = tmp_path / "run"
+    run_torchrun(2, _args(data, run_dir), env=child_env(JOCOR_FAULT="sigterm:0:13"))
+    run_torchrun(1, _args(data, run_dir))
+    rows, ref = _rows(run_dir), _rows(run_a)
+    assert [r["kept"] for r in rows] == [r["kept"] for r in ref]
+    a, b = _final_model(run_dir), _final_model(run_a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)
+
+
+def test_collective_timeout_is_a_clear_error(data, tmp_path):
+    """A peer that stops answering: the others fail after dist.timeout_s, never hang."""
+    proc = run_torchrun(2, _args(data, tmp_path / "run", "dist.timeout_s=5"),
+                        env=child_env(JOCOR_FAULT="hang:1:4"), check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "error (rank 0): a collective did not complete" in proc.stderr, proc.stderr[-3000:]
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a tampered checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_would_run_code_is_refused_on_every_rank(data, tmp_path):
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "pwned"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"format": 1, "model": _RunsCode(marker)}, run_dir / "checkpoints" / "step-99.pt")
+    for resume in ("auto", str(run_dir / "checkpoints" / "step-99.pt")):
+        proc = run_torchrun(2, _args(data, run_dir, f"train.resume={resume}"), check=False, timeout=120)
+        assert proc.returncode != 0
+        assert proc.stderr.count("step-99.pt refused: it holds objects that only a full unpickler") == 2
+        assert "posix.system" in proc.stderr or "os.system" in proc.stderr
+        assert not marker.exists()
+    torch.load(run_dir / "checkpoints" / "step-99.pt", weights_only=False)  # the payload is real
+    assert marker.exists()
+
+
+def _single(data, run_dir, *extra, env=None):
+    from helpers import run_python
+    return run_python(_args(data, run_dir, *extra), env=env)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_amp_checkpoints_resume_exactly(data, tmp_path, precision):
+    """Mixed precision on CPU autocast: the GradScaler state (fp16) and everything else
+    round-trips, so a SIGTERM-interrupted run ends as the uninterrupted one."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _single(data, whole, f"train.precision={precision}")
+    _single(data, split, f"train.precision={precision}", env=child_env(JOCOR_FAULT="sigterm:0:13"))
+    state = torch.load(list_checkpoints(split / "checkpoints")[0], weights_only=True)
+    assert state["precision"] == precision and state["global_step"] == 14
+    if precision == "fp16":
+        assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
+    _single(data, split, f"train.precision={precision}")
+    assert_same_run(split, whole)
