@@ -29,8 +29,8 @@ from .config import Config, dump_config
 from .data import Batch, DataBundle, build_data
 from .dist import DistContext, agree, all_gather_objects, all_reduce_sum, max_over_ranks
 from .faults import FaultInjector
-from .methods.jocor import jocor_loss
-from .methods.selection import Selection, select
+from .methods import MethodStep, get_method
+from .methods.selection import Selector
 from .models import ModelPair, build_pair, unwrap
 from .preemption import Preempted, StopFlag
 from .progress import Progress, progress_enabled
@@ -57,7 +57,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 @dataclass
 class StepResult:
-    selection: Selection
+    step: MethodStep
     skipped: bool
 
 
@@ -79,13 +79,12 @@ class EpochAccumulator:
         if result.skipped:
             self.skipped_steps += 1
             return
-        sel = result.selection
+        kept = result.step.kept_local  # (sets, b): label precision pools the kept sets
         known = batch.clean >= 0
-        self.counts[0] += sel.local_mask.sum()
-        self.counts[1] += (sel.local_mask & known).sum()
-        self.counts[2] += (sel.local_mask & known & (batch.y == batch.clean)).sum()
-        # where() rather than boolean indexing: no host sync in the step.
-        self.loss_sum += torch.where(sel.global_mask, sel.global_losses, 0.0).double().sum() / sel.num_kept
+        self.counts[0] += kept.sum()
+        self.counts[1] += (kept & known).sum()
+        self.counts[2] += (kept & known & (batch.y == batch.clean)).sum()
+        self.loss_sum += result.step.objective.double()
         self.trained_steps += 1
 
     def state(self, ctx: DistContext) -> dict:
@@ -136,6 +135,13 @@ class Trainer:
         self.skipped_steps = 0
         self.faults = FaultInjector(ctx.rank)
         self.stop = StopFlag()
+        self.method = get_method(cfg.method.name, cfg.method.co_lambda, cfg.method.init_epoch)
+        self.selector = Selector(cfg.selection, ctx)
+        # Per training sample: bit j set = kept in the j-th most recent finished epoch.
+        n_train = self.data.train.num_samples
+        self.kept_history = torch.zeros(n_train, dtype=torch.int64, device=ctx.device)
+        self.kept_history_epochs = 0
+        self.kept_epoch: Optional[torch.Tensor] = torch.zeros(n_train, dtype=torch.bool, device=ctx.device)
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -157,25 +163,27 @@ class Trainer:
         with self._autocast():
             logits1, logits2 = self.model(x)
         logits1 = self.faults.corrupt(self.global_step, logits1)
-        losses = jocor_loss(logits1, logits2, batch.y, self.cfg.method.co_lambda)
-        sel = select(self.cfg.selection, losses, forget_rate, self.ctx)
+        out = self.method(logits1, logits2, batch.y, forget_rate, self.epoch, self.selector)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(sel.loss).backward()
+        self.scaler.scale(out.loss).backward()
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-        skipped = self._check_finite(sel, batch)
+        skipped = self._check_finite(out, batch)
         if not skipped:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.zero_grad(set_to_none=True)
+        if not skipped and self.kept_epoch is not None:
+            # Which training samples updated a network this epoch (for the audit).
+            self.kept_epoch[self.selector.gather(batch.idx)[out.kept_global.any(0)]] = True
         self.global_step += 1
-        return StepResult(sel, skipped)
+        return StepResult(out, skipped)
 
-    def _check_finite(self, sel: Selection, batch: Batch) -> bool:
+    def _check_finite(self, out: MethodStep, batch: Batch) -> bool:
         """One host sync per step; every rank reaches the same verdict, because the losses
         were all-gathered and the gradients all-reduced before this point."""
-        loss_bad = ~torch.isfinite(sel.global_losses).all()
+        loss_bad = ~torch.isfinite(out.checked).all()
         if self.scaler.is_enabled():
             grad_bad = torch.zeros((), dtype=torch.bool, device=loss_bad.device)  # the scaler's job
         else:
@@ -187,8 +195,9 @@ class Trainer:
             return False
         b = batch.y.shape[0]
         if loss_bad_v:
-            pos = int(torch.nonzero(~torch.isfinite(sel.global_losses))[0])
-            what = f"non-finite joint loss at rank {pos // b}, batch position {pos % b}"
+            pos = int(torch.nonzero(~torch.isfinite(out.checked).all(0))[0])
+            kind = "joint loss" if self.cfg.method.name == "jocor" else "loss"
+            what = f"non-finite {kind} at rank {pos // b}, batch position {pos % b}"
         else:
             what = "non-finite gradient"
         where = f"epoch {self.epoch + 1}, step {self.global_step} (global)"
@@ -234,6 +243,7 @@ class Trainer:
                 raise Preempted(f"stopped by signal {stop} at epoch {epoch + 1}, "
                                 f"step {step}/{loader.steps_per_epoch}; checkpoint written")
         bar.close()
+        self._roll_kept_history()
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
         epoch_s = time.perf_counter() - start
@@ -257,6 +267,11 @@ class Trainer:
             "samples_per_s": done * self.cfg.train.batch_size / max(epoch_s, 1e-9),
             "epoch_s": epoch_s,
         }
+
+    def _roll_kept_history(self) -> None:
+        self.kept_history = ((self.kept_history << 1) | self.kept_epoch.long()) & 0xFFFF
+        self.kept_history_epochs = min(self.kept_history_epochs + 1, 16)
+        self.kept_epoch.zero_()
 
     def _stop_agreed(self) -> int:
         """The signal (SIGTERM / SIGINT) any rank got, else 0: one small all-reduce per step,
@@ -327,6 +342,13 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "world_size": self.ctx.world_size,
             "precision": self.precision,
+            # Identical on every rank (built from all-gathered indices): rank 0's is everyone's.
+            "kept_history": self.kept_history.cpu(),
+            "kept_history_epochs": self.kept_history_epochs,
+            "kept_epoch": self.kept_epoch.cpu(),
+            "data_meta": {"name": self.data.name, "classes": list(self.data.classes),
+                          "in_channels": self.data.in_channels, "image_size": self.data.image_size,
+                          "normalization": self.data.normalization},
         }
         path = save_checkpoint(state, checkpoint_dir(self.run_dir), self.global_step, self.cfg.checkpoint.keep)
         self.last_checkpoint = path
@@ -368,6 +390,10 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} does not fit this model ({self.cfg.model.arch}): "
                                   f"{str(exc).splitlines()[0]}") from None
         self.scaler.load_state_dict(state["scaler"])
+        if state["kept_history"].shape == self.kept_history.shape:
+            self.kept_history.copy_(state["kept_history"])
+            self.kept_epoch.copy_(state["kept_epoch"])
+            self.kept_history_epochs = state["kept_history_epochs"]
         self.global_step = state["global_step"]
         self.skipped_steps = state["skipped_steps"]
         rngs = state["rng"]

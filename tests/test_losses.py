@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from jocor_ddp.methods.jocor import jocor_loss
-from jocor_ddp.methods.selection import num_remember, select_global
+from jocor_ddp.methods.selection import Selector, num_remember
 from jocor_ddp.dist import DistContext
 
 
@@ -78,20 +78,23 @@ def test_saturated_logits_stay_finite():
 
 
 def test_global_selection_single_process_keeps_k_smallest_ties_by_position():
-    ctx = DistContext()
+    sel = Selector("global", DistContext())
     losses = torch.tensor([0.5, 0.1, 0.5, 0.5, 0.2, 0.9], requires_grad=True)
-    sel = select_global(losses, forget_rate=0.5, ctx=ctx)
-    assert sel.num_kept == 3
+    kept = sel.keep_smallest(sel.gather(losses.detach()), forget_rate=0.5)
+    assert kept.count == 3
     # 0.1 and 0.2 are the smallest; of the tied 0.5s the first by position is kept.
-    assert sel.local_mask.tolist() == [True, True, False, False, True, False]
-    sel.loss.backward()
-    assert torch.allclose(sel.loss, torch.tensor((0.5 + 0.1 + 0.2) / 3))
+    assert kept.local.tolist() == [True, True, False, False, True, False]
+    loss = sel.mean(losses, kept)
+    loss.backward()
+    assert torch.allclose(loss, torch.tensor((0.5 + 0.1 + 0.2) / 3))
     assert losses.grad.tolist() == pytest.approx([1 / 3, 1 / 3, 0, 0, 1 / 3, 0])
 
 
 def test_dropped_nonfinite_loss_does_not_poison_the_kept_mean():
-    sel = select_global(torch.tensor([0.3, float("inf"), 0.1, 0.2]), 0.5, DistContext())
-    assert torch.isfinite(sel.loss) and sel.loss.item() == pytest.approx(0.15)
+    sel = Selector("global", DistContext())
+    losses = torch.tensor([0.3, float("inf"), 0.1, 0.2])
+    loss = sel.mean(losses, sel.keep_smallest(losses, 0.5))
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(0.15)
 
 
 def test_num_remember_matches_reference_and_never_zero():

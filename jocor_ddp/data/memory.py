@@ -9,7 +9,7 @@ process at batch B sees, in the same positions.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -82,18 +82,28 @@ class MemoryTrainLoader:
 
 
 class MemoryEvalLoader:
-    """Rank r scores the r-th contiguous share of the test split: every sample once."""
+    """Rank r scores the r-th contiguous share of a split: every sample once, none padded.
+
+    With ``clean`` given it yields training ``Batch``es (noisy and clean labels, indices),
+    the unaugmented pass that evaluate and audit use; otherwise ``EvalBatch``es."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, rank: int, world_size: int,
-                 device: torch.device, batch_size: int = 1000):
+                 device: torch.device, batch_size: int = 1000, clean: Optional[np.ndarray] = None):
         n = int(labels.shape[0])
         lo, hi = n * rank // world_size, n * (rank + 1) // world_size
         self.images = torch.from_numpy(np.ascontiguousarray(images[lo:hi].transpose(0, 3, 1, 2))).to(device)
         self.labels = torch.from_numpy(labels[lo:hi]).to(device)
+        self.clean = torch.from_numpy(clean[lo:hi]).to(device) if clean is not None else None
+        self.offset = lo
         self.num_samples = n
         self.batch_size = batch_size
 
-    def __iter__(self) -> Iterator[EvalBatch]:
+    def __iter__(self) -> Iterator[EvalBatch | Batch]:
         for lo in range(0, self.labels.shape[0], self.batch_size):
-            yield EvalBatch(x=to_float(self.images[lo:lo + self.batch_size]),
-                            y=self.labels[lo:lo + self.batch_size])
+            part = slice(lo, lo + self.batch_size)
+            x, y = to_float(self.images[part]), self.labels[part]
+            if self.clean is None:
+                yield EvalBatch(x=x, y=y)
+            else:
+                idx = torch.arange(self.offset + lo, self.offset + lo + y.shape[0], device=y.device)
+                yield Batch(x=x, y=y, clean=self.clean[part], idx=idx)

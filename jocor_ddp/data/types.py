@@ -42,6 +42,11 @@ class DataBundle:
     test: Iterable[EvalBatch]
     test_samples: int
     noise: Optional[NoiseInfo] = None
+    # A deterministic pass over every training sample (this rank's share), unaugmented, with
+    # noisy and clean labels and indices: what evaluate / audit score the training split with.
+    train_eval: Optional[Iterable[Batch]] = None
+    # How inputs were normalised after ToTensor (None: not at all), for export.
+    normalization: Optional[dict] = None
     extra: dict = field(default_factory=dict)
 
     @property

@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import MethodStep
+from .selection import Selector
+
 
 def symmetric_kl(logp1: torch.Tensor, logp2: torch.Tensor) -> torch.Tensor:
     """KL(p1 || p2) + KL(p2 || p1) per sample, from log-probabilities.
@@ -29,3 +32,14 @@ def jocor_loss(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tenso
     logp2 = F.log_softmax(logits2.float(), dim=1)
     ce = F.nll_loss(logp1, labels, reduction="none") + F.nll_loss(logp2, labels, reduction="none")
     return (1.0 - co_lambda) * ce + co_lambda * symmetric_kl(logp1, logp2)
+
+
+def step(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor, forget_rate: float,
+         sel: Selector, co_lambda: float) -> MethodStep:
+    """Keep the small-joint-loss samples; one mean over them updates both networks."""
+    losses = jocor_loss(logits1, logits2, labels, co_lambda)
+    losses_all = sel.gather(losses.detach())
+    kept = sel.keep_smallest(losses_all, forget_rate)
+    return MethodStep(loss=sel.mean(losses, kept), checked=losses_all[None],
+                      kept_local=kept.local[None], kept_global=kept.glob[None],
+                      objective=sel.objective(losses_all, kept))

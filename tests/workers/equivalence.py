@@ -24,7 +24,7 @@ def main(out: str, overrides: list[str]) -> None:
         for batch in trainer.data.train.epoch(epoch):
             result = trainer.train_step(batch, float(trainer.forget_rates[epoch]))
             idx = all_gather_cat(ctx, batch.idx)
-            kept.append(torch.sort(idx[result.selection.global_mask]).values.cpu())
+            kept.append(torch.sort(idx[result.step.kept_global[0]]).values.cpu())
     if ctx.is_main:
         state = {k: v.detach().cpu().clone() for k, v in trainer.pair.state_dict().items()}
         torch.save({"kept": kept, "state": state}, out)
