@@ -61,9 +61,11 @@ class Selector:
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """The whole batch's values (last dimension = samples), identical on every rank."""
-        if t.dtype == torch.bool:
-            return all_gather_cat(self.ctx, t.to(torch.uint8).T.contiguous()).T.bool()
-        return all_gather_cat(self.ctx, t.T.contiguous()).T
+        if t.dtype == torch.bool:  # gloo gathers no bool tensors
+            return self.gather(t.to(torch.uint8)).bool()
+        if t.dim() == 1:
+            return all_gather_cat(self.ctx, t)
+        return all_gather_cat(self.ctx, t.mT.contiguous()).mT
 
     def _local_slice(self, b: int) -> slice:
         return slice(self.ctx.rank * b, (self.ctx.rank + 1) * b)
