@@ -207,6 +207,10 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     on_nonfinite: str = "error"
+    # Steps between host syncs: the non-finite verdict and the stop-signal agreement are read
+    # every N steps (a launch-bound GPU step is slowed by each sync). A non-finite value is
+    # still reported with the step it appeared on; 'skip' needs the verdict at once (N = 1).
+    sync_every: int = 1
     # auto: continue from the newest checkpoint in RUN/checkpoints that loads; never: start
     # fresh; any other value: the path of a checkpoint to continue from.
     resume: str = "auto"
@@ -221,6 +225,10 @@ class TrainConfig:
         _choice("train.device", self.device, DEVICES)
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.on_nonfinite", self.on_nonfinite, NONFINITE)
+        _positive("train.sync_every", self.sync_every)
+        if self.sync_every > 1 and self.on_nonfinite == "skip":
+            raise ConfigError("train.sync_every: must be 1 with train.on_nonfinite=skip (a step can only "
+                              "be skipped when its verdict is read at once)")
         if not self.resume:
             raise ConfigError("train.resume: must be 'auto', 'never' or the path of a checkpoint")
 

@@ -126,13 +126,11 @@ def all_reduce_sum(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def max_over_ranks(ctx: DistContext, value: int) -> int:
-    """The largest of the ranks' values, on every rank (all ranks must call it)."""
-    if not ctx.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+def max_over_ranks(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise largest of the ranks' tensors, on every rank (all ranks must call it)."""
+    if ctx.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
 
 
 def barrier(ctx: DistContext) -> None:

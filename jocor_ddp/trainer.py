@@ -141,7 +141,9 @@ class Trainer:
         n_train = self.data.train.num_samples
         self.kept_history = torch.zeros(n_train, dtype=torch.int64, device=ctx.device)
         self.kept_history_epochs = 0
-        self.kept_epoch: Optional[torch.Tensor] = torch.zeros(n_train, dtype=torch.bool, device=ctx.device)
+        self.kept_epoch = torch.zeros(n_train, dtype=torch.uint8, device=ctx.device)
+        # The first non-finite step not yet reported (see _check_finite); -1 = none.
+        self.first_bad = torch.full((3,), -1, dtype=torch.int64, device=ctx.device)
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -174,40 +176,68 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.zero_grad(set_to_none=True)
-        if not skipped and self.kept_epoch is not None:
-            # Which training samples updated a network this epoch (for the audit).
-            self.kept_epoch[self.selector.gather(batch.idx)[out.kept_global.any(0)]] = True
+        if not skipped:
+            # Which training samples updated a network this epoch (for the audit); a scatter,
+            # not boolean indexing, so no host sync.
+            self.kept_epoch.scatter_reduce_(0, self.selector.gather(batch.idx),
+                                            out.kept_global.any(0).to(torch.uint8), reduce="amax")
         self.global_step += 1
         return StepResult(out, skipped)
 
     def _check_finite(self, out: MethodStep, batch: Batch) -> bool:
-        """One host sync per step; every rank reaches the same verdict, because the losses
-        were all-gathered and the gradients all-reduced before this point."""
-        loss_bad = ~torch.isfinite(out.checked).all()
+        """Every rank reaches the same verdict: the losses were all-gathered and the gradients
+        all-reduced before this point. With train.sync_every=1 the verdict is read now (one
+        host sync); otherwise the first bad step is recorded on the device and read at the
+        next sync point (``_sync_point``)."""
+        dev = out.checked.device
+        bad_columns = ~torch.isfinite(out.checked).all(0)
+        loss_bad = bad_columns.any()
         if self.scaler.is_enabled():
-            grad_bad = torch.zeros((), dtype=torch.bool, device=loss_bad.device)  # the scaler's job
+            grad_bad = torch.zeros((), dtype=torch.bool, device=dev)  # inf gradients are the scaler's job
         else:
             grads = [p.grad for p in self.pair.parameters() if p.grad is not None]
-            norms = torch._foreach_norm(grads) if grads else [torch.zeros((), device=loss_bad.device)]
+            norms = torch._foreach_norm(grads) if grads else [torch.zeros((), device=dev)]
             grad_bad = ~torch.isfinite(torch.stack(norms)).all()
-        loss_bad_v, grad_bad_v = torch.stack([loss_bad, grad_bad]).tolist()
-        if not (loss_bad_v or grad_bad_v):
+        # (step, kind: 1 loss / 2 gradient, position in the global batch), -1 while all is well
+        record = torch.stack([torch.full((), self.global_step, device=dev),
+                              torch.where(loss_bad, 1, torch.where(grad_bad, 2, 0)),
+                              torch.argmax(bad_columns.to(torch.uint8))]).long()
+        record = torch.where(loss_bad | grad_bad, record, -1)
+        if self.cfg.train.sync_every > 1:
+            self.first_bad = torch.where(self.first_bad[0] < 0, record, self.first_bad)
             return False
-        b = batch.y.shape[0]
-        if loss_bad_v:
-            pos = int(torch.nonzero(~torch.isfinite(out.checked).all(0))[0])
-            kind = "joint loss" if self.cfg.method.name == "jocor" else "loss"
-            what = f"non-finite {kind} at rank {pos // b}, batch position {pos % b}"
-        else:
-            what = "non-finite gradient"
-        where = f"epoch {self.epoch + 1}, step {self.global_step} (global)"
+        step, kind, pos = record.tolist()
+        if kind < 0:
+            return False
         if self.cfg.train.on_nonfinite == "skip":
             self.skipped_steps += 1
             if self.ctx.is_main:
-                print(f"warning: {what} in {where}: step skipped (train.on_nonfinite=skip)", flush=True)
+                print(f"warning: {self._describe_bad(step, kind, pos, batch.y.shape[0])}: "
+                      f"step skipped (train.on_nonfinite=skip)", flush=True)
             return True
-        raise NonFiniteError(f"{what} in {where}, seen on rank {self.ctx.rank}; "
+        self._raise_bad(step, kind, pos, batch.y.shape[0])
+
+    def _describe_bad(self, step: int, kind: int, pos: int, b: int) -> str:
+        if kind == 1:
+            what = "joint loss" if self.cfg.method.name == "jocor" else "loss"
+            what = f"non-finite {what} at rank {pos // b}, batch position {pos % b}"
+        else:
+            what = "non-finite gradient"
+        return f"{what} in epoch {self.epoch + 1}, step {step} (global)"
+
+    def _raise_bad(self, step: int, kind: int, pos: int, b: int):
+        raise NonFiniteError(f"{self._describe_bad(step, kind, pos, b)}, seen on rank {self.ctx.rank}; "
                              f"set train.on_nonfinite=skip to skip such steps")
+
+    def _sync_point(self) -> int:
+        """One small all-reduce and one host sync: the signal any rank got (else 0), so that all
+        ranks stop after the same step; and the deferred non-finite verdict, raised here."""
+        local_b = self.cfg.train.batch_size // self.ctx.world_size
+        flags = torch.cat([torch.tensor([self.stop.signum or 0], device=self.ctx.device), self.first_bad])
+        signum, step, kind, pos = max_over_ranks(self.ctx, flags).tolist()
+        if kind > 0:
+            self._raise_bad(step, kind, pos, local_b)
+        return signum
 
     # --- one epoch ------------------------------------------------------------------
 
@@ -235,8 +265,10 @@ class Trainer:
             step += 1
             bar.update(step - start_step)
             last = step == loader.steps_per_epoch
-            stop = self._stop_agreed()
-            if stop or (every and self.global_step % every == 0 and not last):
+            want_save = every and self.global_step % every == 0 and not last
+            # A checkpoint is written only after a sync point: it never holds a NaN unnoticed.
+            stop = self._sync_point() if last or want_save or step % self.cfg.train.sync_every == 0 else 0
+            if stop or want_save:
                 self.save(epoch, step, acc)
             if stop:
                 bar.close()
@@ -272,11 +304,6 @@ class Trainer:
         self.kept_history = ((self.kept_history << 1) | self.kept_epoch.long()) & 0xFFFF
         self.kept_history_epochs = min(self.kept_history_epochs + 1, 16)
         self.kept_epoch.zero_()
-
-    def _stop_agreed(self) -> int:
-        """The signal (SIGTERM / SIGINT) any rank got, else 0: one small all-reduce per step,
-        so that all ranks stop after the same step."""
-        return max_over_ranks(self.ctx, self.stop.signum or 0)
 
     # --- evaluation -----------------------------------------------------------------
 
@@ -428,7 +455,7 @@ class Trainer:
                 self.log(row)
                 self.save(epoch + 1, 0, None)
                 rows.append(row)
-                stop = self._stop_agreed()
+                stop = self._sync_point()
                 if stop:
                     raise Preempted(f"stopped by signal {stop} after epoch {epoch + 1}; "
                                     f"checkpoint written")

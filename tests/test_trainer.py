@@ -39,12 +39,22 @@ def test_outputs_and_every_test_sample_scored_once(tmp_path, mnist):
     assert len(noise["transition"]) == 10 and 0.3 < noise["actual_rate"] < 0.7
 
 
-def test_nonfinite_loss_stops_every_rank_with_epoch_step_and_rank(tmp_path, mnist):
-    proc = run_torchrun(2, _args(mnist, tmp_path / "run"), env=child_env(JOCOR_FAULT="nan:1:11"),
-                        check=False, timeout=120)
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_nonfinite_loss_stops_every_rank_with_epoch_step_and_rank(tmp_path, mnist, sync_every):
+    """Read at once, or at the next sync point (train.sync_every=4): the error names the
+    step where the NaN appeared either way."""
+    proc = run_torchrun(2, _args(mnist, tmp_path / "run", f"train.sync_every={sync_every}"),
+                        env=child_env(JOCOR_FAULT="nan:1:11"), check=False, timeout=120)
     assert proc.returncode != 0
     message = "non-finite joint loss at rank 1, batch position 0 in epoch 2, step 11 (global)"
     assert proc.stderr.count(message) == 2, proc.stderr[-3000:]
+
+
+def test_fewer_host_syncs_train_the_same_model(tmp_path, mnist):
+    run_torchrun(2, _args(mnist, tmp_path / "a"))
+    run_torchrun(2, _args(mnist, tmp_path / "b", "train.sync_every=3"))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+    assert strip(_rows(tmp_path / "a")) == strip(_rows(tmp_path / "b"))
 
 
 def test_nonfinite_loss_skipped_and_counted(tmp_path, mnist):
