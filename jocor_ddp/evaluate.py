@@ -1,0 +1,100 @@
+"""Score a checkpoint on a held-out split: ``python -m jocor_ddp.evaluate CHECKPOINT``.
+
+Prints and writes (``--out DIR``) the accuracy of each network and of their averaged
+prediction (the mean of the two softmaxes), in percent as metrics.jsonl gives it, to
+``evaluate-SPLIT.json``, and the averaged prediction's confusion matrix (rows: true
+class, columns: predicted class) to ``confusion-SPLIT.csv``. The data is rebuilt from
+the checkpoint's own config; ``--shards DIR`` reads a shard folder instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import torch
+
+from .restore import CommandError, add_restore_args, guarded, restore, run_dir_of, write_json
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m jocor_ddp.evaluate",
+        description="Accuracy of both networks of a checkpoint, and of their averaged softmax, on a "
+                    "held-out split; writes evaluate-SPLIT.json and confusion-SPLIT.csv.",
+        epilog="The data comes from the checkpoint's config (data.name, data.root); --shards reads a "
+               "shard folder written by `python -m jocor_ddp.prepare` instead.")
+    add_restore_args(p)
+    p.add_argument("--split", default=None,
+                   help="the split to score (test, or val for shards that have one); default: the "
+                        "config's data.eval_split")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="output folder (default: RUN/evaluate for RUN/checkpoints/step-N.pt, "
+                        "else next to the checkpoint)")
+    return p.parse_args(argv)
+
+
+def default_out(checkpoint: str) -> Path:
+    run = run_dir_of(checkpoint)
+    return run / "evaluate" if run is not None else Path(checkpoint).resolve().parent
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    r = restore(args.checkpoint, with_data=True, shards=args.shards, split=args.split, root=args.root,
+                device=args.device)
+    split = r.cfg.data.eval_split
+    classes = r.meta["classes"]
+    c = len(classes)
+    counts = torch.zeros(3, dtype=torch.float64, device=r.device)  # correct1, correct2, correct_avg
+    confusion = torch.zeros(c * c, dtype=torch.int64, device=r.device)
+    scored = 0
+    for batch, logits1, logits2 in r.score(r.data.test, r.data.test_samples, f"evaluate {split}"):
+        avg = (logits1.softmax(1) + logits2.softmax(1)) / 2
+        pred = avg.argmax(1)
+        counts[0] += (logits1.argmax(1) == batch.y).sum()
+        counts[1] += (logits2.argmax(1) == batch.y).sum()
+        counts[2] += (pred == batch.y).sum()
+        confusion += torch.bincount(batch.y.long() * c + pred, minlength=c * c)
+        scored += batch.y.shape[0]
+    if scored != r.data.test_samples:
+        raise CommandError(f"scored {scored} samples, the {split} split has {r.data.test_samples}")
+    correct1, correct2, correct_avg = counts.tolist()
+    result = {
+        "checkpoint": str(r.path),
+        "dataset": r.data.name,
+        "split": split,
+        "samples": scored,
+        "epoch": r.state.get("completed_epochs"),
+        "global_step": r.state.get("global_step"),
+        # Percent, computed as the trainer computes test_acc1 / test_acc2.
+        "acc1": 100.0 * correct1 / scored,
+        "acc2": 100.0 * correct2 / scored,
+        "acc_avg": 100.0 * correct_avg / scored,
+        "classes": classes,
+    }
+    out = Path(args.out) if args.out else default_out(args.checkpoint)
+    write_json(out / f"evaluate-{split}.json", result)
+    write_confusion(out / f"confusion-{split}.csv", classes, confusion.view(c, c).cpu())
+    print(f"{r.path}: {result['dataset']} {split}, {scored} samples: net1 {result['acc1']:.2f}%  "
+          f"net2 {result['acc2']:.2f}%  averaged {result['acc_avg']:.2f}%")
+    print(f"wrote {out / f'evaluate-{split}.json'} and {out / f'confusion-{split}.csv'}")
+    return result
+
+
+def write_confusion(path: Path, classes: list[str], matrix: torch.Tensor) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted", *classes])
+        for name, row in zip(classes, matrix.tolist()):
+            w.writerow([name, *row])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return guarded(evaluate, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Compare finished (or running) runs: ``python -m jocor_ddp.report RUN_DIR [...] --out DIR``.
+
+Reads each RUN_DIR/metrics.jsonl and RUN_DIR/config.yaml and writes, in the JoCoR
+paper's style:
+  - DIR/report.md (also printed): one row per run with its method, noise, the mean test
+    accuracy of both networks over the last min(10, E) epochs (the paper's headline
+    number: the mean over those epochs of (test_acc1 + test_acc2) / 2), the best
+    accuracy (the better network's, at its best epoch) and the final label precision;
+    DIR/report.json holds the same numbers unrounded;
+  - DIR/test_accuracy.png and DIR/label_precision.png: one line per run against the
+    epoch, the legend naming method and noise.
+The table is written first; the plots need matplotlib (``pip install -e .[report]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .restore import CommandError, guarded, read_metrics, write_json
+
+LAST_EPOCHS = 10
+METHOD_NAMES = {"jocor": "JoCoR", "coteaching": "Co-teaching", "coteaching_plus": "Co-teaching+",
+                "decoupling": "Decoupling", "standard": "Standard"}
+
+
+@dataclass
+class RunSummary:
+    name: str
+    method: str
+    noise: str
+    epochs: int
+    last10_acc: float            # percent
+    best_acc: float              # percent
+    final_label_precision: Optional[float]  # percent, None when the run has no clean labels
+    rows: list = field(repr=False, default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{METHOD_NAMES.get(self.method, self.method)} ({self.noise})"
+
+
+def mean_acc(row: dict) -> float:
+    return (row["test_acc1"] + row["test_acc2"]) / 2
+
+
+def last_epochs_mean(rows: list[dict], n: int = LAST_EPOCHS) -> float:
+    """Mean over the last min(n, E) epochs of the two networks' mean test accuracy."""
+    tail = rows[-n:]
+    return sum(mean_acc(r) for r in tail) / len(tail)
+
+
+def best_acc(rows: list[dict]) -> float:
+    return max(max(r["test_acc1"], r["test_acc2"]) for r in rows)
+
+
+def describe_noise(cfg: dict) -> str:
+    noise = cfg.get("noise") or {}
+    kind, rate = noise.get("type", "?"), noise.get("rate")
+    if kind == "none" or rate == 0:
+        return "none"
+    if kind == "file" or not isinstance(rate, (int, float)):
+        return kind
+    return f"{kind} {100 * rate:g}%"
+
+
+def read_config(run: Path) -> dict:
+    path = run / "config.yaml"
+    if not path.is_file():
+        print(f"warning: {path}: not found; method and noise unknown", file=sys.stderr)
+        return {}
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CommandError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(cfg, dict):
+        raise CommandError(f"{path}: expected a mapping at the top level")
+    return cfg
+
+
+def summarize(run: Path, name: str) -> RunSummary:
+    if not run.is_dir():
+        raise CommandError(f"{run}: not a run folder")
+    rows = read_metrics(run / "metrics.jsonl")
+    cfg = read_config(run)
+    precision = rows[-1].get("label_precision")
+    return RunSummary(name=name, method=str((cfg.get("method") or {}).get("name", "?")),
+                      noise=describe_noise(cfg) if cfg else "?", epochs=len(rows),
+                      last10_acc=last_epochs_mean(rows), best_acc=best_acc(rows),
+                      final_label_precision=100 * precision if precision is not None else None, rows=rows)
+
+
+def run_names(runs: list[Path]) -> list[str]:
+    """Folder names, or the paths as given where two runs share a folder name."""
+    names = [r.name or str(r) for r in runs]
+    return [n if names.count(n) == 1 else str(r) for n, r in zip(names, runs)]
+
+
+def markdown_table(summaries: list[RunSummary]) -> str:
+    def pct(v: Optional[float]) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+    lines = ["| run | method | noise | epochs | test acc, last-10 mean (%) | best test acc (%) "
+             "| final label precision (%) |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for s in summaries:
+        lines.append(f"| {s.name} | {s.method} | {s.noise} | {s.epochs} | {pct(s.last10_acc)} | "
+                     f"{pct(s.best_acc)} | {pct(s.final_label_precision)} |")
+    lines += ["", f"Test acc, last-10 mean: the mean over the last min({LAST_EPOCHS}, epochs) epochs of "
+                  "(test_acc1 + test_acc2) / 2. Best: the better network at its best epoch. Label "
+                  "precision: the share of the samples kept for the update whose label is clean, in the "
+                  "last epoch (n/a without clean labels)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summaries: list[RunSummary], out: Path, acc: str) -> list[Path]:
+    try:
+        import matplotlib
+    except ImportError:
+        raise CommandError(f"the plots need matplotlib: pip install -e .[report] "
+                           f"(the table is in {out / 'report.md'})") from None
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    labels = [s.label for s in summaries]
+    labels = [lab if labels.count(lab) == 1 else f"{lab}, {s.name}" for lab, s in zip(labels, summaries)]
+    written = []
+    for what, ylabel in (("test_accuracy", "test accuracy (%)"), ("label_precision", "label precision (%)")):
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for s, label in zip(summaries, labels):
+            epochs = [r["epoch"] for r in s.rows]
+            if what == "test_accuracy" and acc == "both":
+                line, = ax.plot(epochs, [r["test_acc1"] for r in s.rows], label=f"{label}, net 1")
+                ax.plot(epochs, [r["test_acc2"] for r in s.rows], "--", color=line.get_color(),
+                        label=f"{label}, net 2")
+            elif what == "test_accuracy":
+                ax.plot(epochs, [mean_acc(r) for r in s.rows], label=label)
+            else:
+                points = [(r["epoch"], 100 * r["label_precision"]) for r in s.rows
+                          if r.get("label_precision") is not None]
+                if points:
+                    ax.plot(*zip(*points), label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no run records it", ha="center", va="center", transform=ax.transAxes)
+        fig.tight_layout()
+        path = out / f"{what}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m jocor_ddp.report",
+        description="Compare runs: a Markdown table (DIR/report.md, also printed) and PNG plots of "
+                    "test accuracy and label precision against the epoch, one line per run.",
+        epilog="The plots need matplotlib: pip install -e .[report]. The table is written without it.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with metrics.jsonl "
+                                                             "and config.yaml)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--acc", choices=("mean", "both"), default="mean",
+                   help="plot the mean of the two networks' test accuracy (default) or both networks")
+    p.add_argument("--no-plots", action="store_true", help="write only the table")
+    return p.parse_args(argv)
+
+
+def report(args: argparse.Namespace) -> None:
+    runs = [Path(r) for r in args.runs]
+    summaries = [summarize(run, name) for run, name in zip(runs, run_names(runs))]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(summaries)
+    (out / "report.md").write_text(table)
+    write_json(out / "report.json", [{k: v for k, v in asdict(s).items() if k != "rows"} for s in summaries])
+    print(table, end="")
+    if not args.no_plots:
+        for path in plot(summaries, out, args.acc):
+            print(f"wrote {path}")
+    print(f"wrote {out / 'report.md'}")
+
+
+def main(argv=None) -> int:
+    return guarded(report, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""export: the exported network, rebuilt by load_exported, gives the checkpoint network's
+logits exactly; --net best follows the metrics; the file loads with weights_only."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from helpers import run_python
+from tiny_run import final_checkpoint, tiny_run
+
+from jocor_ddp import export
+from jocor_ddp.checkpoint import CheckpointError, load_checkpoint
+from jocor_ddp.config import config_from_dict
+from jocor_ddp.models import build_pair
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return tiny_run(tmp_path_factory)
+
+
+def checkpoint_pair(path):
+    state = load_checkpoint(path)
+    pair = build_pair(config_from_dict(state["config"]).model, 1, 10, 28)
+    pair.load_state_dict(state["model"])
+    return pair.eval()
+
+
+@pytest.mark.parametrize("net", [1, 2])
+def test_exported_net_reloads_with_identical_logits(run, tmp_path, net):
+    ckpt = final_checkpoint(run)
+    out = tmp_path / "model.pt"
+    run_python(["-m", "jocor_ddp.export", str(ckpt), "--out", str(out), "--net", str(net)])
+    payload = torch.load(out, weights_only=True)
+    assert payload["format"] == "jocor_ddp.export/1" and payload["net"] == net
+    assert (payload["arch"], payload["num_classes"], payload["in_channels"], payload["image_size"]) == \
+        ("mlp", 10, 1, 28)
+    assert payload["classes"] == [str(i) for i in range(10)] and payload["normalization"] is None
+    assert payload["source_checkpoint"] == str(ckpt)
+
+    model = export.load_exported(out)
+    pair = checkpoint_pair(ckpt)
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        chosen, other = (pair.net1, pair.net2) if net == 1 else (pair.net2, pair.net1)
+        assert torch.equal(model(x), chosen(x))
+        assert not torch.equal(model(x), other(x))
+
+
+def copy_run(run, dest, acc1, acc2):
+    """The final checkpoint in a fresh RUN layout, with a one-row metrics.jsonl (or none)."""
+    (dest / "checkpoints").mkdir(parents=True)
+    ckpt = dest / "checkpoints" / final_checkpoint(run).name
+    shutil.copy(final_checkpoint(run), ckpt)
+    if acc1 is not None:
+        row = {"epoch": load_checkpoint(ckpt)["completed_epochs"], "test_acc1": acc1, "test_acc2": acc2}
+        (dest / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc1": 0, "test_acc2": 0}) + "\n"
+                                            + json.dumps(row) + "\n")
+    return ckpt
+
+
+@pytest.mark.parametrize("acc1, acc2, expected", [(60.0, 70.0, 2), (70.0, 60.0, 1), (65.0, 65.0, 1),
+                                                  (None, None, 1)])
+def test_best_picks_the_more_accurate_net(run, tmp_path, acc1, acc2, expected):
+    ckpt = copy_run(run, tmp_path / "run", acc1, acc2)
+    out = tmp_path / "best.pt"
+    assert export.main([str(ckpt), "--out", str(out), "--net", "best"]) == 0
+    assert torch.load(out, weights_only=True)["net"] == expected
+
+
+def test_errors(run, tmp_path, capsys):
+    ckpt = copy_run(run, tmp_path / "run", 1.0, 2.0)
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"epoch": 1, "test_acc1": 1, "test_acc2": 2}\n{oops\n')
+    assert export.main([str(ckpt), "--out", str(tmp_path / "m.pt")]) == 2
+    assert f"{tmp_path / 'run' / 'metrics.jsonl'}, line 2" in capsys.readouterr().err
+
+    missing = tmp_path / "missing.pt"
+    assert export.main([str(missing), "--out", str(tmp_path / "m.pt")]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+    not_exported = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, not_exported)
+    with pytest.raises(CheckpointError, match=str(not_exported)):
+        export.load_exported(not_exported)
