@@ -113,6 +113,8 @@ class Trainer:
                           self.data.image_size, seed=cfg.train.seed)
         if cfg.model.sync_bn and ctx.device.type == "cuda" and ctx.distributed:
             pair = torch.nn.SyncBatchNorm.convert_sync_batchnorm(pair)
+        elif cfg.model.sync_bn and ctx.is_main:
+            print("warning: model.sync_bn needs CUDA and several ranks; using plain BatchNorm", flush=True)
         memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.pair: ModelPair = pair.to(ctx.device, memory_format=memory_format)
         self.memory_format = memory_format
@@ -123,7 +125,9 @@ class Trainer:
             self.model = self.pair
         if cfg.train.compile:
             self.model = torch.compile(self.model)
-        self.optimizer = torch.optim.Adam(self.pair.parameters(), lr=cfg.train.lr)
+        # One Adam over both networks, as the reference; fused on CUDA (one kernel per step).
+        self.optimizer = torch.optim.Adam(self.pair.parameters(), lr=cfg.train.lr,
+                                          fused=True if ctx.device.type == "cuda" else None)
         self.precision = resolve_precision(cfg.train.precision, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "fp16")
         self.forget_rates = forget_rate_schedule(cfg.forget_rate, cfg.train.epochs,
