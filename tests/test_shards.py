@@ -1,0 +1,300 @@
+"""Shards in one process: every bad input gives its error (file and sample named), the
+streaming order is a pure function of (seed, epoch, world size) so a resumed epoch
+repeats the same batches, and the device cache trains exactly like the memory source."""
+
+from __future__ import annotations
+
+import json
+import signal
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import IterableDataset
+
+from shard_fixtures import (clothing1m_shards, flip_byte, key, member_offset, mnist_shards, rewrite_sample,
+                            shard_of, undecodable_png)
+
+from jocor_ddp.config import ConfigError, config_from_dict
+from jocor_ddp.data import build_data
+from jocor_ddp.data.shards import MANIFEST
+from jocor_ddp.data.sources import DataError
+from jocor_ddp.data.stream import make_loader, open_shards, sample_uniforms, stream_loaders
+from jocor_ddp.dist import DistContext
+
+CPU = DistContext()
+
+
+def cfg_for(shards, *, dataset="mnist", batch=8, **data):
+    d = {"name": dataset, "source": "shards", "shards": str(shards), "num_workers": 0, **data}
+    return config_from_dict({"data": d, "train": {"batch_size": batch, "seed": 3},
+                             "noise": {"type": "symmetric", "rate": 0.4}})
+
+
+@pytest.fixture(scope="module")
+def clean_shards(tmp_path_factory):
+    return mnist_shards(tmp_path_factory.mktemp("mnist"))  # 96 train in 8 shards, 30 test in 3
+
+
+@pytest.fixture
+def shards(clean_shards, tmp_path):
+    """A private copy to damage."""
+    return shutil.copytree(clean_shards, tmp_path / "shards")
+
+
+def epoch_batches(loader, epoch, start_step=0):
+    return [(b.x.clone(), b.y.clone(), b.clean.clone(), b.idx.clone()) for b in loader.epoch(epoch, start_step)]
+
+
+def same_batches(a, b):
+    return len(a) == len(b) and all(all(torch.equal(u, v) for u, v in zip(p, q)) for p, q in zip(a, b))
+
+
+# --- determinism and resume --------------------------------------------------------
+
+@pytest.mark.parametrize("cache, workers, augment", [("stream", 2, True), ("stream", 0, False),
+                                                     ("device", 2, True)])
+def test_resume_mid_epoch_yields_the_same_batches(clean_shards, cache, workers, augment):
+    cfg = cfg_for(clean_shards, cache=cache, num_workers=workers, shuffle_buffer=7, augment=augment)
+    train = build_data(cfg, CPU).train
+    full = epoch_batches(train, 1)
+    assert len(full) == train.steps_per_epoch == 12
+    for start in (1, 2, 5):  # both lanes' offsets with two workers
+        assert same_batches(epoch_batches(train, 1, start), full[start:])
+    assert same_batches(epoch_batches(train, 1), full)           # repeatable
+    assert not same_batches(epoch_batches(train, 2), full)       # a new epoch reshuffles
+    assert sorted(torch.cat([b[3] for b in full]).tolist()) == list(range(96))
+
+
+def test_stream_order_depends_on_seed_epoch_and_world_size_only(clean_shards):
+    def run(seed, rank=0, world=1, workers=2):
+        cfg = cfg_for(clean_shards, cache="stream", num_workers=workers, shuffle_buffer=5)
+        cfg.train.seed = seed
+        cfg.train.batch_size = 8
+        data = open_shards(cfg, CPU)
+        train = stream_loaders(cfg, DistContext(rank=rank, world_size=world), data).train
+        return [b.idx.tolist() for b in train.epoch(0)]
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    # Two simulated ranks of two workers: every sample once (8 shards divide evenly).
+    ranks = [run(1, r, 2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 12
+    assert sorted(i for r in ranks for b in r for i in b) == list(range(96))
+
+
+def test_augmentation_is_a_function_of_the_sample(clean_shards):
+    u1 = sample_uniforms(1, 4, [5, 6, 7])
+    assert np.array_equal(u1, sample_uniforms(1, 4, np.array([5, 6, 7])))
+    assert np.array_equal(u1[1], sample_uniforms(1, 4, [6])[0])
+    assert not np.array_equal(u1, sample_uniforms(1, 5, [5, 6, 7]))
+    assert ((u1 >= 0) & (u1 < 1)).all()
+
+
+def test_device_cache_equals_memory_source(clean_shards):
+    raw = clean_shards.parent / "raw"
+    base = {"train": {"batch_size": 16, "seed": 5}, "noise": {"type": "pairflip", "rate": 0.3}}
+    memory = build_data(config_from_dict({**base, "data": {"name": "mnist", "root": str(raw), "augment": True,
+                                                            "train_subset": 80}}), CPU)
+    shards = build_data(config_from_dict({**base, "data": {"name": "mnist", "source": "shards", "augment": True,
+                                                            "shards": str(clean_shards), "cache": "device",
+                                                            "train_subset": 80}}), CPU)
+    assert shards.extra["cache"] == "device"
+    assert same_batches(epoch_batches(memory.train, 2), epoch_batches(shards.train, 2))
+    assert memory.noise.to_dict() == shards.noise.to_dict()
+    for a, b in zip(memory.test, shards.test):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    assert memory.test_samples == shards.test_samples == 30
+
+
+def test_stream_matches_the_device_cache_per_sample(clean_shards):
+    """Same pixels and labels per sample index, whichever way the shards are read."""
+    got = {}
+    for cache in ("device", "stream"):
+        bundle = build_data(cfg_for(clean_shards, cache=cache, num_workers=2), CPU)
+        got[cache] = {int(i): (x, int(y), int(c)) for b in bundle.train.epoch(0)
+                      for i, x, y, c in zip(b.idx, b.x, b.y, b.clean)}
+        assert bundle.test_samples == sum(b.y.shape[0] for b in bundle.test) == 30
+    assert got["device"].keys() == got["stream"].keys() == set(range(96))
+    for i, (x, y, c) in got["device"].items():
+        sx, sy, sc = got["stream"][i]
+        assert torch.equal(x, sx) and (y, c) == (sy, sc)
+
+
+@pytest.mark.parametrize("cache", ["device", "stream"])
+def test_train_eval_scores_every_training_sample_once(clean_shards, cache):
+    """The unaugmented pass over the training split: each sample once, noisy and clean labels."""
+    from jocor_ddp.data.sources import load_arrays
+    clean = torch.from_numpy(load_arrays("mnist", str(clean_shards.parent / "raw")).train.labels)
+    cfg = cfg_for(clean_shards, cache=cache, num_workers=2, augment=True, train_subset=90)
+    bundle = build_data(cfg, CPU)
+    noisy = torch.from_numpy(open_shards(cfg, CPU).noisy)
+    assert (noisy != clean[:90]).any()
+    batches = list(bundle.train_eval)
+    idx = torch.cat([b.idx for b in batches])
+    assert sorted(idx.tolist()) == list(range(90))
+    for b in batches:
+        assert torch.equal(b.y, noisy[b.idx]) and torch.equal(b.clean, clean[b.idx])
+    assert bundle.normalization is None  # the small sets are fed as ToTensor leaves them
+
+
+def test_auto_cache_follows_the_memory_budget(clean_shards):
+    assert build_data(cfg_for(clean_shards), CPU).extra["cache"] == "device"
+    tiny = cfg_for(clean_shards, cache_budget_gb=1e-6)
+    assert build_data(tiny, CPU).extra["cache"] == "stream"
+
+
+def test_dataloader_workers_ignore_sigterm():
+    class Probe(IterableDataset):
+        def __iter__(self):
+            yield torch.tensor(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)
+    assert all(bool(v) for v in make_loader(Probe(), 2, torch.device("cpu")))
+
+
+def test_gpu_decode_path_matches_worker_decoding(tmp_path):
+    """The GPU route (JPEG bytes to the main process, decode_jpeg there) run on the CPU:
+    the same batches as decoding in the workers; a bad JPEG is replaced and counted."""
+    shards, _ = clothing1m_shards(tmp_path, n_train=24, shard_size=4)
+    cfg = cfg_for(shards, dataset="clothing1m", cache="stream", num_workers=2, resize_size=36, crop_size=32)
+    cfg.noise.type, cfg.noise.rate = "none", 0.0
+    data = open_shards(cfg, CPU)
+    plain = epoch_batches(stream_loaders(cfg, CPU, data).train, 0)
+    raw_train, raw_test, *_ = stream_loaders(cfg, CPU, data, raw_jpeg=True)
+    assert same_batches(epoch_batches(raw_train, 0), plain)
+    assert sum(b.y.shape[0] for b in raw_test) == data.test.samples
+    rewrite_sample(shards, "train", 5, image=b"\xff\xd8\xff\xe0" + bytes(300))
+    cfg.data.on_bad_sample = "skip"
+    train = stream_loaders(cfg, CPU, open_shards(cfg, CPU), raw_jpeg=True).train
+    batches = list(train.epoch(0))
+    assert train.bad_samples == 1 and all(b.x.shape[0] == 8 for b in batches)
+    assert 5 not in torch.cat([b.idx for b in batches]).tolist()
+    cfg.data.on_bad_sample = "error"
+    train = stream_loaders(cfg, CPU, open_shards(cfg, CPU), raw_jpeg=True).train
+    with pytest.raises(DataError, match=rf"train-00000\d.tar sample {key(5)} .*does not decode"):
+        list(train.epoch(0))
+
+
+# --- bad input ----------------------------------------------------------------------
+
+def build(shards, **data):
+    return build_data(cfg_for(shards, **data), CPU)
+
+
+def test_missing_manifest_and_wrong_dataset(shards, tmp_path):
+    with pytest.raises(DataError, match="manifest.json: not found"):
+        build(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="holds 'mnist' shards, data.name is 'cifar10'"):
+        build(shards, name="cifar10")
+    (shards / MANIFEST).write_text("{not json")
+    with pytest.raises(DataError, match="manifest.json: not a valid shard manifest"):
+        build(shards)
+
+
+def test_truncated_tar(shards):
+    _, path = shard_of(shards, "train", 30)
+    path.write_bytes(path.read_bytes()[:9000])
+    with pytest.raises(DataError) as err:
+        build(shards)
+    assert str(path) in str(err.value) and "sample 000000" in str(err.value)
+    assert "truncated" in str(err.value) or "not a readable tar" in str(err.value)
+
+
+def test_corrupt_tar_header(shards):
+    _, path = shard_of(shards, "train", 30)
+    offset = member_offset(path, f"{key(26)}.png") - 512  # the member's header block
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 100] = b"\x07" * 100
+    path.write_bytes(bytes(data))
+    # tarfile reads a bad header as the end of the archive: the damaged sample is cut short.
+    with pytest.raises(DataError, match=rf"{path}: .*sample {key(26)}: incomplete sample.*corrupt or truncated"):
+        build(shards)
+
+
+def test_missing_shard(shards):
+    _, path = shard_of(shards, "test", 20)
+    path.unlink()
+    with pytest.raises(DataError, match=rf"{path}: missing \(shard 1 of split 'test', 12 samples"):
+        build(shards)
+
+
+def test_sha256_mismatch_names_the_sample(shards):
+    _, path = shard_of(shards, "train", 50)
+    flip_byte(path, member_offset(path, f"{key(50)}.png") + 40)
+    with pytest.raises(DataError, match=rf"{path}: sha256 .* differs .* sample {key(50)}: the image bytes differ"):
+        build(shards)
+    # With data.verify=size the stream still checks each sample's crc32 as it reads it.
+    with pytest.raises(DataError, match=rf"sample {key(50)}: the image bytes differ"):
+        train = build(shards, verify="size", cache="stream").train
+        list(train.epoch(0))
+
+
+def test_label_outside_range(shards):
+    path = rewrite_sample(shards, "train", 17, cls=10)
+    with pytest.raises(DataError, match=rf"{path} sample {key(17)}: label 10 .* outside \[0, 10\)"):
+        build(shards)
+    for cache in ("device", "stream"):
+        bundle = build(shards, on_bad_sample="skip", cache=cache)
+        assert bundle.train.num_samples == 96  # the range of idx, the left-out sample included
+        assert bundle.train.steps_per_epoch == 11  # floor(95 usable / 8)
+        idx = torch.cat([b.idx for b in bundle.train.epoch(0)]).tolist()
+        assert 17 not in idx and len(idx) == 88 and max(idx) < 96
+        assert bundle.train.bad_samples == 1
+
+
+@pytest.mark.parametrize("cache", ["device", "stream"])
+def test_image_that_does_not_decode(shards, cache):
+    path = rewrite_sample(shards, "train", 40, image=undecodable_png())
+    pattern = rf"{path} sample {key(40)}: the image does not decode"
+    with pytest.raises(DataError, match=pattern):  # device: at build; stream: while streaming
+        list(build(shards, cache=cache, num_workers=2).train.epoch(0))
+    bundle = build(shards, cache=cache, num_workers=2, on_bad_sample="skip")
+    idx = torch.cat([b.idx for b in bundle.train.epoch(0)]).tolist()
+    assert 40 not in idx and bundle.train.bad_samples == 1
+
+
+def test_bad_test_image_is_skipped_and_not_expected(shards):
+    rewrite_sample(shards, "test", 4, image=undecodable_png())
+    bundle = build(shards, cache="stream", num_workers=2, on_bad_sample="skip")
+    assert bundle.test_samples == 30
+    scored = sum(b.y.shape[0] for b in bundle.test)
+    assert scored == bundle.test_samples == 29  # the trainer's check holds
+    with pytest.raises(DataError, match=rf"sample {key(4)}: the image does not decode"):
+        list(build(shards, cache="stream").test)
+
+
+def test_empty_split(shards):
+    d = json.loads((shards / MANIFEST).read_text())
+    d["splits"]["test"].update(samples=0, shards=[])
+    (shards / MANIFEST).write_text(json.dumps(d))
+    with pytest.raises(DataError, match="split 'test' is empty"):
+        build(shards)
+
+
+def test_fewer_shards_than_ranks_times_workers(clean_shards):
+    cfg = cfg_for(clean_shards, cache="stream", num_workers=5)
+    with pytest.raises(DataError, match=r"8 shards, fewer than ranks x workers = 2 x 5"):
+        build_data(cfg, DistContext(rank=1, world_size=2))
+    build_data(cfg_for(clean_shards, cache="stream", num_workers=4), DistContext(rank=1, world_size=2))
+
+
+def test_too_few_samples_for_a_global_batch(clean_shards):
+    with pytest.raises(DataError, match="fewer than one global batch of 128"):
+        build_data(cfg_for(clean_shards, cache="stream", batch=128), CPU)
+
+
+@pytest.mark.parametrize("key_value, pattern", [
+    ("data.cache=disk", "data.cache"), ("data.num_workers=-1", "data.num_workers"),
+    ("data.on_bad_sample=ignore", "data.on_bad_sample"), ("data.cache_budget_gb=0", "data.cache_budget_gb"),
+    ("data.shuffle_buffer=-2", "data.shuffle_buffer"), ("data.verify=md5", "data.verify"),
+    ("data.eval_split=", "data.eval_split"), ("data.crop_size=300", "data.crop_size"),
+    ("data.resize_size=0", "data.resize_size"), ("data.gpu_decode=maybe", "data.gpu_decode"),
+])
+def test_config_keys_are_validated(key_value, pattern):
+    from jocor_ddp.config import load_config
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, ["data.source=shards", "data.shards=/x", key_value])
+
+
+def test_gpu_decode_needs_cuda(clean_shards):
+    with pytest.raises(ConfigError, match="data.gpu_decode: needs a CUDA"):
+        build(clean_shards, gpu_decode=True)
