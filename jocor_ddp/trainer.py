@@ -293,7 +293,8 @@ class Trainer:
             "epoch": epoch + 1,
             "lr": self.lrs[epoch],
             "beta1": self.beta1s[epoch],
-            "forget_rate": forget_rate,
+            # Standard and Decoupling select no small-loss share: their forget rate is 0.
+            "forget_rate": forget_rate if self.cfg.method.name not in ("standard", "decoupling") else 0.0,
             "train_loss": acc.loss_sum.item() / max(trained, 1),
             "label_precision": clean / known if known else None,
             "kept": int(kept),
