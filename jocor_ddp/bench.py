@@ -178,7 +178,8 @@ def bench_comm(cfg, *, world_sizes: list[int]) -> dict:
     """Bytes each rank moves per step, on paper: the loss all-gather and DDP's ring
     all-reduce of the gradients (2 (W-1)/W of the gradient bytes, sent and received)."""
     channels, side, classes = SHAPES[cfg.data.name]
-    pair = build_pair(cfg.model, channels, classes, side)
+    # Only the shapes matter: no initial-weights file is needed to count them.
+    pair = build_pair(dataclasses.replace(cfg.model, weights=None), channels, classes, side)
     params = sum(p.numel() for p in pair.parameters())
     grad_bytes = params * 4  # DDP all-reduces fp32 gradients, whatever the autocast precision
     rows = []
