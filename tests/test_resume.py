@@ -165,3 +165,42 @@ def test_amp_checkpoints_resume_exactly(data, tmp_path, precision):
         assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
     _single(data, split, f"train.precision={precision}")
     assert_same_run(split, whole)
+
+
+# --- the same guarantees when the data streams from WebDataset shards --------------------
+
+@pytest.fixture(scope="module")
+def shard_args(data, tmp_path_factory):
+    """Train from shards through DataLoader workers (data.cache=stream), not the device cache."""
+    from helpers import run_python
+    shards = tmp_path_factory.mktemp("shards")
+    run_python(["-m", "jocor_ddp.prepare", "mnist", "--src", str(data), "--out", str(shards),
+                "--shard-size", "32", "--progress", "never"])
+    return ["data.source=shards", f"data.shards={shards}", "data.cache=stream", "data.num_workers=1"]
+
+
+@pytest.fixture(scope="module")
+def stream_run_a(data, shard_args, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("stream_run_a")
+    run_torchrun(2, _args(data, run_dir, *shard_args))
+    assert len(_rows(run_dir)) == EPOCHS
+    return run_dir
+
+
+@pytest.mark.parametrize("fault", ["crash:1:13", "sigterm:0:13"])
+def test_stream_interrupted_then_resumed_matches_uninterrupted(data, shard_args, stream_run_a, tmp_path, fault):
+    run_dir = tmp_path / "run"
+    first = run_torchrun(2, _args(data, run_dir, *shard_args), env=child_env(JOCOR_FAULT=fault), check=False)
+    # SIGTERM: a checkpoint at that step and exit 0; SIGKILL: the job fails.
+    assert (first.returncode == 0) == fault.startswith("sigterm")
+    resumed = run_torchrun(2, _args(data, run_dir, *shard_args))
+    assert "resumed from" in resumed.stdout
+    assert_same_run(run_dir, stream_run_a)
+
+
+def test_stream_refuses_another_world_size_mid_epoch(data, shard_args, tmp_path):
+    run_dir = tmp_path / "run"
+    run_torchrun(2, _args(data, run_dir, *shard_args), env=child_env(JOCOR_FAULT="sigterm:0:13"))
+    proc = run_torchrun(1, _args(data, run_dir, *shard_args), check=False)
+    assert proc.returncode != 0
+    assert "stopped mid-epoch under 2 ranks" in proc.stderr and "resume with 2 ranks" in proc.stderr
