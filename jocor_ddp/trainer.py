@@ -392,8 +392,10 @@ class Trainer:
         # storage all nodes share); a failure anywhere is raised on every rank.
         chosen = agree(self.ctx, lambda: str(p) if (p := find_resume(self.cfg.train.resume, folder)[0]) else None)
         if chosen is None:
-            if self.cfg.train.resume == "auto" and self.ctx.is_main and list(folder.glob("step-*.pt")):
-                print(f"warning: no checkpoint in {folder} could be loaded; starting fresh", flush=True)
+            if self.ctx.is_main:
+                if self.cfg.train.resume == "auto" and list(folder.glob("step-*.pt")):
+                    print(f"warning: no checkpoint in {folder} could be loaded; starting fresh", flush=True)
+                self._truncate_metrics(0)  # a fresh start: rows of an earlier run would mislead
             return 0, 0, None
         state = agree(self.ctx, lambda: self._load_state(load_checkpoint(chosen), chosen), every_rank=True)
         if self.ctx.is_main:

@@ -14,6 +14,7 @@ if .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available
   nproc_per_node=$(.venv/bin/python -c 'import torch; print(torch.cuda.device_count())')
 fi
 run_dir=runs/demo
+rm -rf "$run_dir"  # the demo always starts fresh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 .venv/bin/torchrun --nproc_per_node="$nproc_per_node" -m jocor_ddp.train \
   --config configs/fashion_mnist_sym50.yaml run.dir="$run_dir" train.epochs=10 train.resume=never "$@"

@@ -81,3 +81,10 @@ def test_demo_config_two_ranks_label_precision_beats_noise(tmp_path):
     assert last["forget_rate"] == 0.5
     assert last["label_precision"] > 0.5 + 0.15, last
     assert last["test_acc1"] > 60 and last["test_acc2"] > 60, last
+
+
+def test_fresh_start_replaces_an_earlier_runs_metrics(tmp_path, mnist):
+    from helpers import run_python
+    for _ in range(2):
+        run_python(_args(mnist, tmp_path / "run", "train.resume=never", "train.epochs=1"))
+    assert [r["epoch"] for r in _rows(tmp_path / "run")] == [1]
