@@ -261,6 +261,9 @@ class DistConfig:
 @dataclass
 class LogConfig:
     progress: str = "auto"
+    # Also write each epoch's metrics as TensorBoard scalars to RUN/tensorboard (needs the
+    # optional extra: pip install -e .[tensorboard]).
+    tensorboard: bool = False
 
     def __post_init__(self):
         _choice("log.progress", self.progress, PROGRESS)

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import __version__
 from .checkpoint import (CheckpointError, checkpoint_dir, find_resume, load_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
-from .config import Config, dump_config
+from .config import Config, ConfigError, dump_config
 from .data import Batch, DataBundle, build_data
 from .dist import DistContext, agree, all_gather_objects, all_reduce_sum, max_over_ranks
 from .faults import FaultInjector
@@ -148,11 +148,22 @@ class Trainer:
         self.kept_epoch = torch.zeros(n_train, dtype=torch.uint8, device=ctx.device)
         # The first non-finite step not yet reported (see _check_finite); -1 = none.
         self.first_bad = torch.full((3,), -1, dtype=torch.int64, device=ctx.device)
+        self.tensorboard = self._open_tensorboard()
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             if self.data.noise is not None:
                 (self.run_dir / "noise.json").write_text(json.dumps(self.data.noise.to_dict(), indent=1))
+
+    def _open_tensorboard(self):
+        if not self.cfg.log.tensorboard:
+            return None
+        try:  # checked on every rank (the same environment), so no rank waits for a failed one
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("log.tensorboard: true needs the tensorboard package: "
+                              "pip install -e .[tensorboard]") from None
+        return SummaryWriter(str(self.run_dir / "tensorboard")) if self.ctx.is_main else None
 
     # --- one step -------------------------------------------------------------------
 
@@ -339,6 +350,11 @@ class Trainer:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, row["epoch"])
+            self.tensorboard.flush()
         precision = row["label_precision"]
         precision_s = f"{100 * precision:.2f}%" if precision is not None else "n/a"
         print(f"epoch {row['epoch']:>3}/{self.cfg.train.epochs}  lr {row['lr']:.2e}  "
@@ -468,6 +484,8 @@ class Trainer:
                                     f"checkpoint written")
         finally:
             self.stop.restore()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         return rows
 
     def _announce(self) -> None:

@@ -88,3 +88,14 @@ def test_fresh_start_replaces_an_earlier_runs_metrics(tmp_path, mnist):
     for _ in range(2):
         run_python(_args(mnist, tmp_path / "run", "train.resume=never", "train.epochs=1"))
     assert [r["epoch"] for r in _rows(tmp_path / "run")] == [1]
+
+
+def test_tensorboard_scalars(tmp_path, mnist):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_torchrun(2, _args(mnist, tmp_path / "run", "log.tensorboard=true"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    acc = [(e.step, round(e.value, 4)) for e in events.Scalars("test_acc1")]
+    assert acc == [(r["epoch"], round(r["test_acc1"], 4)) for r in _rows(tmp_path / "run")]
+    assert "label_precision" in events.Tags()["scalars"]
