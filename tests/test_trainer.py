@@ -99,3 +99,17 @@ def test_tensorboard_scalars(tmp_path, mnist):
     acc = [(e.step, round(e.value, 4)) for e in events.Scalars("test_acc1")]
     assert acc == [(r["epoch"], round(r["test_acc1"], 4)) for r in _rows(tmp_path / "run")]
     assert "label_precision" in events.Tags()["scalars"]
+
+
+def test_compiled_ddp_model_saves_unwrapped_weights(tmp_path, mnist):
+    """torch.compile over DDP: checkpoints hold plain keys (no module. / _orig_mod. prefix)
+    that load into a fresh, unwrapped pair."""
+    import torch
+    from jocor_ddp.checkpoint import list_checkpoints
+    from jocor_ddp.config import ModelConfig
+    from jocor_ddp.models import build_pair
+    run_torchrun(2, _args(mnist, tmp_path / "run", "train.epochs=1", "train.compile=true",
+                          "train.channels_last=true"), timeout=300)
+    state = torch.load(list_checkpoints(tmp_path / "run" / "checkpoints")[0], weights_only=True)
+    assert all(k.startswith(("net1.", "net2.")) for k in state["model"])
+    build_pair(ModelConfig(arch="mlp"), 1, 10, 28).load_state_dict(state["model"])
