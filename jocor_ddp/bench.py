@@ -61,7 +61,9 @@ def bench_data(shards: str, *, workers: list[int], batch_size: int, steps: int, 
     ctx = DistContext(device=dev)
     cfg = config_from_dict({
         "data": {"name": manifest.dataset, "source": "shards", "shards": shards, "cache": "stream"},
-        "noise": {"type": "none", "rate": 0.0}, "train": {"batch_size": batch_size, "device": dev.type}})
+        # The loader only: no noise drawn, and a forget rate so that noisy-label shards open too.
+        "noise": {"type": "none", "rate": 0.0}, "method": {"forget_rate": 0.0},
+        "train": {"batch_size": batch_size, "device": dev.type}})
     start = time.perf_counter()
     data = open_shards(cfg, ctx)  # sha256 of every train and test shard, as each rank does
     verify_s = time.perf_counter() - start

@@ -42,14 +42,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def choose_net(checkpoint: Path, state: dict) -> tuple[int, str]:
     """(1 or 2, why): the network with the higher test accuracy in the metrics row of the
-    checkpoint's epoch (else the last row) of RUN/metrics.jsonl; net 1 on a tie or without it."""
+    checkpoint's epoch in RUN/metrics.jsonl; net 1 on a tie or without such a row (a row of
+    another epoch would judge other weights)."""
     run = run_dir_of(checkpoint)
     metrics = run / "metrics.jsonl" if run is not None else None
     if metrics is None or not metrics.is_file():
         return 1, "no metrics.jsonl next to the checkpoint"
     rows = read_metrics(metrics)
     by_epoch = {r["epoch"]: r for r in rows}
-    row = by_epoch.get(state.get("completed_epochs"), rows[-1])
+    row = by_epoch.get(state.get("completed_epochs"))
+    if row is None:
+        return 1, f"no row of epoch {state.get('completed_epochs')} in {metrics}"
     net = 2 if row["test_acc2"] > row["test_acc1"] else 1
     return net, (f"epoch {row['epoch']} of {metrics}: test acc {row['test_acc1']:.2f}% / "
                  f"{row['test_acc2']:.2f}%")

@@ -23,11 +23,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import __version__
-from .checkpoint import (CheckpointError, checkpoint_dir, find_resume, load_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, checkpoint_dir, find_resume, list_checkpoints, load_checkpoint,
+                         rng_state, save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, dump_config
 from .data import Batch, DataBundle, build_data
-from .dist import DistContext, agree, all_gather_objects, all_reduce_sum, max_over_ranks
+from .dist import (DistContext, agree, all_gather_objects, all_reduce_sum, broadcast_buffers,
+                   max_over_ranks)
 from .faults import FaultInjector
 from .methods import MethodStep, get_method
 from .methods.selection import Selector
@@ -148,12 +149,18 @@ class Trainer:
         self.kept_epoch = torch.zeros(n_train, dtype=torch.uint8, device=ctx.device)
         # The first non-finite step not yet reported (see _check_finite); -1 = none.
         self.first_bad = torch.full((3,), -1, dtype=torch.int64, device=ctx.device)
+        # Rank 0 writes; a failure (an unwritable run.dir) is raised on every rank.
+        agree(ctx, self._prepare_run_dir)
         self.tensorboard = self._open_tensorboard()
-        if ctx.is_main:
+
+    def _prepare_run_dir(self) -> None:
+        try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
             if self.data.noise is not None:
                 (self.run_dir / "noise.json").write_text(json.dumps(self.data.noise.to_dict(), indent=1))
+        except OSError as exc:
+            raise ConfigError(f"run.dir: cannot write the run folder {self.run_dir}: {exc}") from None
 
     def _open_tensorboard(self):
         if not self.cfg.log.tensorboard:
@@ -326,6 +333,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Accuracy of both networks over every test sample, each scored exactly once."""
+        # BatchNorm running statistics drift apart per rank after the last step (DDP broadcasts
+        # buffers only before a forward): score with rank 0's, the ones the checkpoint keeps.
+        broadcast_buffers(self.ctx, self.pair)
         self.pair.eval()
         dev = self.ctx.device
         counts = torch.zeros(3, dtype=torch.float64, device=dev)  # correct1, correct2, scored
@@ -369,8 +379,10 @@ class Trainer:
         calls it (the counters and RNG states are gathered); rank 0 writes the file."""
         acc_state = acc.state(self.ctx) if acc is not None else None
         rngs = all_gather_objects(self.ctx, rng_state())
-        if not self.ctx.is_main:
-            return
+        # Rank 0 writes; a failed write (disk full, no permission) is raised on every rank.
+        self.last_checkpoint = agree(self.ctx, lambda: self._write_checkpoint(epoch, step_in_epoch, acc_state, rngs))
+
+    def _write_checkpoint(self, epoch: int, step_in_epoch: int, acc_state: Optional[dict], rngs: list) -> Path:
         state = {
             "format": 1,
             "package_version": __version__,
@@ -398,8 +410,11 @@ class Trainer:
                           "in_channels": self.data.in_channels, "image_size": self.data.image_size,
                           "normalization": self.data.normalization},
         }
-        path = save_checkpoint(state, checkpoint_dir(self.run_dir), self.global_step, self.cfg.checkpoint.keep)
-        self.last_checkpoint = path
+        folder = checkpoint_dir(self.run_dir)
+        try:
+            return save_checkpoint(state, folder, self.global_step, self.cfg.checkpoint.keep)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint {folder}/step-{self.global_step}.pt: cannot be written: {exc}") from None
 
     def restore(self) -> tuple[int, int, Optional[EpochAccumulator]]:
         """Continue from a checkpoint per train.resume; returns (epoch, step, counters)."""
@@ -408,10 +423,7 @@ class Trainer:
         # storage all nodes share); a failure anywhere is raised on every rank.
         chosen = agree(self.ctx, lambda: str(p) if (p := find_resume(self.cfg.train.resume, folder)[0]) else None)
         if chosen is None:
-            if self.ctx.is_main:
-                if self.cfg.train.resume == "auto" and list(folder.glob("step-*.pt")):
-                    print(f"warning: no checkpoint in {folder} could be loaded; starting fresh", flush=True)
-                self._truncate_metrics(0)  # a fresh start: rows of an earlier run would mislead
+            agree(self.ctx, self._start_fresh)
             return 0, 0, None
         state = agree(self.ctx, lambda: self._load_state(load_checkpoint(chosen), chosen), every_rank=True)
         if self.ctx.is_main:
@@ -420,6 +432,21 @@ class Trainer:
             self._truncate_metrics(state["epoch"])
         acc = EpochAccumulator.from_state(state["epoch_counters"], self.ctx) if state["epoch_counters"] else None
         return state["epoch"], state["step_in_epoch"], acc
+
+    def _start_fresh(self) -> None:
+        """A fresh start in a used run folder: the earlier run's metrics rows would mislead, and
+        its checkpoints (higher step numbers) would outrank this run's, be resumed from later,
+        and make checkpoint.keep prune this run's own files. Set them aside, never delete them."""
+        folder = checkpoint_dir(self.run_dir)
+        if list_checkpoints(folder):
+            k = 1
+            while folder.with_name(f"checkpoints.replaced-{k}").exists():
+                k += 1
+            aside = folder.with_name(f"checkpoints.replaced-{k}")
+            folder.rename(aside)
+            reason = "none could be loaded" if self.cfg.train.resume == "auto" else "train.resume=never"
+            print(f"warning: starting fresh ({reason}); the earlier checkpoints were moved to {aside}", flush=True)
+        self._truncate_metrics(0)
 
     def _load_state(self, state: dict, path: str) -> dict:
         saved_batch = state["config"]["train"]["batch_size"]

@@ -157,6 +157,7 @@ def test_gpu_decode_path_matches_worker_decoding(tmp_path):
     shards, _ = clothing1m_shards(tmp_path, n_train=24, shard_size=4)
     cfg = cfg_for(shards, dataset="clothing1m", cache="stream", num_workers=2, resize_size=36, crop_size=32)
     cfg.noise.type, cfg.noise.rate = "none", 0.0
+    cfg.method.forget_rate = 0.2  # the labels are the noisy ones: tau must be given
     data = open_shards(cfg, CPU)
     plain = epoch_batches(stream_loaders(cfg, CPU, data).train, 0)
     raw_train, raw_test, *_ = stream_loaders(cfg, CPU, data, raw_jpeg=True)
@@ -298,3 +299,12 @@ def test_config_keys_are_validated(key_value, pattern):
 def test_gpu_decode_needs_cuda(clean_shards):
     with pytest.raises(ConfigError, match="data.gpu_decode: needs a CUDA"):
         build(clean_shards, gpu_decode=True)
+
+
+def test_noisy_label_shards_need_a_forget_rate(tmp_path):
+    """Clothing1M's labels are the noisy ones: tau cannot default to noise.rate (0)."""
+    shards, _ = clothing1m_shards(tmp_path, n_train=8, shard_size=4)
+    cfg = cfg_for(shards, dataset="clothing1m", cache="stream", num_workers=0, resize_size=36, crop_size=32)
+    cfg.noise.type, cfg.noise.rate = "none", 0.0
+    with pytest.raises(ConfigError, match="method.forget_rate: clothing1m's labels are already noisy"):
+        open_shards(cfg, CPU)

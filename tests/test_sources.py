@@ -84,3 +84,18 @@ def test_real_fashion_mnist():
     assert ds.train.images.shape == (60000, 28, 28, 1) and ds.test.images.shape == (10000, 28, 28, 1)
     assert np.bincount(ds.train.labels).tolist() == [6000] * 10
     assert ds.classes[9] == "Ankle boot"
+
+
+def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
+    folder = make_cifar(tmp_path, n_train_per_batch=4, n_test=4)
+    marker = tmp_path / "pwned"
+
+    class RunsCode:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    (folder / "data_batch_2").write_bytes(pickle.dumps({b"data": RunsCode(), b"labels": [0]}))
+    with pytest.raises(DataError, match=r"data_batch_2: not a readable CIFAR pickle: refused global .*system"):
+        load_arrays("cifar10", str(tmp_path))
+    assert not marker.exists()

@@ -113,3 +113,25 @@ def test_compiled_ddp_model_saves_unwrapped_weights(tmp_path, mnist):
     state = torch.load(list_checkpoints(tmp_path / "run" / "checkpoints")[0], weights_only=True)
     assert all(k.startswith(("net1.", "net2.")) for k in state["model"])
     build_pair(ModelConfig(arch="mlp"), 1, 10, 28).load_state_dict(state["model"])
+
+
+def test_fresh_start_sets_an_earlier_runs_checkpoints_aside(tmp_path, mnist):
+    """Otherwise the old, higher-numbered checkpoints would outrank the new run's: keep would
+    prune the new ones and a later auto resume would continue the old run."""
+    from helpers import run_python
+    from jocor_ddp.checkpoint import list_checkpoints
+    run = tmp_path / "run"
+    run_python(_args(mnist, run, "train.epochs=3", "checkpoint.keep=2"))
+    run_python(_args(mnist, run, "train.resume=never", "train.epochs=1", "checkpoint.keep=2"))
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-8.pt"]
+    assert [p.name for p in list_checkpoints(run / "checkpoints.replaced-1")] == ["step-24.pt", "step-16.pt"]
+    again = run_python(_args(mnist, run, "train.epochs=2", "checkpoint.keep=2"))
+    assert "step-8.pt" in again.stdout and [r["epoch"] for r in _rows(run)] == [1, 2]
+
+
+def test_unwritable_run_dir_fails_on_every_rank(tmp_path, mnist):
+    (tmp_path / "afile").write_text("not a folder")
+    proc = run_torchrun(2, _args(mnist, tmp_path / "afile" / "run"), check=False, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("run.dir: cannot write the run folder") == 2, proc.stderr[-2000:]
+    assert "collective did not complete" not in proc.stderr

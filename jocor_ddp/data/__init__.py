@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import Config
 from ..dist import DistContext
 from ..noise import make_noisy_labels
-from .memory import MemoryEvalLoader, MemoryTrainLoader
+from .memory import Lazy, MemoryEvalLoader, MemoryTrainLoader
 from .sources import DataError, load_arrays, subset
 from .types import Batch, DataBundle, EvalBatch
 
@@ -37,8 +37,8 @@ def _build_memory(cfg: Config, ctx: DistContext) -> DataBundle:
         raise DataError(f"{cfg.data.name}: {exc}") from None
     test_loader = MemoryEvalLoader(test.images, test.labels, rank=ctx.rank,
                                    world_size=ctx.world_size, device=ctx.device)
-    train_eval = MemoryEvalLoader(train.images, noisy, rank=ctx.rank, world_size=ctx.world_size,
-                                  device=ctx.device, clean=train.labels)
+    train_eval = Lazy(lambda: MemoryEvalLoader(train.images, noisy, rank=ctx.rank, world_size=ctx.world_size,
+                                               device=ctx.device, clean=train.labels))
     _, h, _, c = train.images.shape
     return DataBundle(name=cfg.data.name, classes=arrays.classes, in_channels=c, image_size=h,
                       train=train_loader, test=test_loader, test_samples=len(test), noise=info,

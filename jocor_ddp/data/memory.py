@@ -107,3 +107,17 @@ class MemoryEvalLoader:
             else:
                 idx = torch.arange(self.offset + lo, self.offset + lo + y.shape[0], device=y.device)
                 yield Batch(x=x, y=y, clean=self.clean[part], idx=idx)
+
+
+class Lazy:
+    """An iterable built on first use: the training split's evaluation copy on the device is
+    made only when evaluate or audit iterate it, never during training."""
+
+    def __init__(self, factory):
+        self.factory = factory
+        self.built = None
+
+    def __iter__(self):
+        if self.built is None:
+            self.built = self.factory()
+        return iter(self.built)

@@ -108,13 +108,26 @@ def load_idx_dataset(root: str, name: str) -> ArrayDataset:
     return ArrayDataset(name, list(classes), _idx_split(r, "train", name), _idx_split(r, "t10k", name))
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """The CIFAR batches are pickles of dicts, lists, bytes and numpy arrays: allow exactly the
+    globals that rebuild those, so that a crafted file cannot run code (plain pickle.load would)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}: not part of a CIFAR batch")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: not found")
     try:
         with open(path, "rb") as f:
-            # The CIFAR batches are pickles of plain dicts; only load them from a trusted copy.
-            return pickle.load(f, encoding="bytes")
+            return _CifarUnpickler(f, encoding="bytes").load()
     except Exception as exc:
         raise DataError(f"{path}: not a readable CIFAR pickle: {exc}") from None
 

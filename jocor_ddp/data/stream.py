@@ -27,6 +27,8 @@ rank failed, every rank raises at the same step instead of waiting in a collecti
 
 from __future__ import annotations
 
+import datetime
+
 import dataclasses
 import itertools
 import re
@@ -217,6 +219,10 @@ def _labels(cfg: Config, manifest: Manifest, split: SplitIndex, keep: np.ndarray
         if cfg.noise.type != "none":
             raise ConfigError(f"noise.type: {manifest.dataset}'s labels are already noisy; set "
                               f"noise.type=none noise.rate=0 (and method.forget_rate)")
+        if cfg.method.forget_rate is None:
+            # tau would default to the synthetic noise rate, 0: JoCoR would keep every sample.
+            raise ConfigError(f"method.forget_rate: {manifest.dataset}'s labels are already noisy, so "
+                              f"the forget rate cannot follow noise.rate; set it (e.g. 0.38 for Clothing1M)")
         return cls, clean, None
     # Labels left out as bad are drawn as class 0: each sample's noisy label depends on its
     # own clean label and its own uniform only, so every other sample's is unchanged.
@@ -586,9 +592,13 @@ class Agreement:
     """One verdict for all ranks: any rank's error stops every rank at the same point.
     A CPU gloo group, so the check costs no GPU synchronisation."""
 
-    def __init__(self, ctx: DistContext):
+    def __init__(self, ctx: DistContext, timeout_s: float):
         self.rank = ctx.rank
-        self.group = dist.new_group(backend="gloo") if ctx.distributed and dist.is_initialized() else None
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # With the run's timeout: a rank stuck reading a shard fails its peers after
+        # dist.timeout_s, not after gloo's default 30 minutes.
+        self.group = (dist.new_group(backend="gloo", timeout=timeout)
+                      if ctx.distributed and dist.is_initialized() else None)
 
     def check(self, error: Optional[str], count: int = 0) -> int:
         """All ranks call it together; returns the sum of ``count`` over the ranks."""
@@ -753,7 +763,7 @@ def stream_loaders(cfg: Config, ctx: DistContext, data: ShardData, *, raw_jpeg: 
     local = cfg.train.batch_size // ctx.world_size
     plan = StreamPlan(data.train, data.train_keep, data.geo, cfg.train.seed, ctx.rank, ctx.world_size, lanes,
                       local, cfg.data.shuffle_buffer, cfg.data.on_bad_sample == "skip", raw_jpeg)
-    agreement = Agreement(ctx)
+    agreement = Agreement(ctx, cfg.dist.timeout_s)
     train = StreamTrainLoader(plan, noisy=data.noisy, clean=data.clean, steps_per_epoch=steps,
                               num_samples=len(data.noisy),
                               static_bad=data.train_bad if ctx.is_main else 0, device=ctx.device,
