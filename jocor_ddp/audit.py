@@ -145,9 +145,13 @@ def score_train(r: Restored) -> dict[str, torch.Tensor]:
         cols["seen"][idx] += 1
         for i, key in zip(idx.tolist(), getattr(batch, "key", None) or []):
             keys[i] = str(key)
-    bad = int((cols["seen"] != 0).sum())
-    if bad:
-        raise CommandError(f"the training pass scored {n - bad} of {n} training samples exactly once")
+    twice = int((cols["seen"] > 0).sum())
+    unscored = int((cols["seen"] < 0).sum())
+    # Samples left out as bad (data.on_bad_sample: skip) are never scored: not an error then.
+    if twice or (unscored and r.cfg.data.on_bad_sample != "skip"):
+        raise CommandError(f"the training pass scored {n - twice - unscored} of {n} training samples "
+                           f"exactly once ({twice} more than once, {unscored} never)")
+    cols["scored"] = cols["seen"] == 0
     if r.cfg.data.source == "shards":
         from .data.shards import sample_key  # a shard sample's __key__
         keys = [k if k is not None else sample_key(i) for i, k in enumerate(keys)]
@@ -164,16 +168,21 @@ def audit(args: argparse.Namespace) -> dict:
     n = cols["given"].shape[0]
     share, window = history_share(r.state, r.path, n)
     tau = r.cfg.forget_rate
-    flags = flag_samples(cols["given"], cols["pred1"], cols["pred2"], cols["loss"], share, tau)
-    # Flagged first, then by joint loss, largest first; ties by idx (stable sorts).
+    scored = cols["scored"]
+    flags = flag_samples(cols["given"], cols["pred1"], cols["pred2"], cols["loss"], share, tau) & scored
+    cols["clean"] = torch.where(scored, cols["clean"], -1)  # unscored samples do not count in quality
+    # Flagged first, then by joint loss, largest first; ties by idx (stable sorts). Samples left
+    # out as bad have no row.
     order = torch.argsort(-cols["loss"], stable=True)
-    order = order[torch.argsort((~flags[order]).int(), stable=True)].tolist()
+    order = order[torch.argsort((~flags[order]).int(), stable=True)]
+    order = order[scored[order]].tolist()
     table = [cols["keys"], *(cols[k].tolist() for k in ("given", "clean", "pred1", "pred2", "loss")),
              share.tolist() if share is not None else [None] * n, flags.int().tolist()]
     write_csv(out, order, table)
     quality = flag_quality(flags, cols["given"], cols["clean"])
     summary = {
-        "checkpoint": str(r.path), "dataset": r.data.name, "samples": n, "flagged": int(flags.sum()),
+        "checkpoint": str(r.path), "dataset": r.data.name, "samples": int(scored.sum()),
+        "left_out_bad": int(n - scored.sum()), "flagged": int(flags.sum()),
         "rule": RULE if share is not None else RULE_NO_HISTORY, "forget_rate": tau,
         "co_lambda": r.cfg.method.co_lambda, "kept_share_epochs": window, "classes": r.meta["classes"],
         "quality": quality,

@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers, when run by torchrun
 
-from helpers import child_env, run_torchrun  # noqa: E402
+from helpers import child_env, run_python, run_torchrun  # noqa: E402
 
 WORKER = str(Path(__file__).resolve())
 
@@ -273,3 +273,12 @@ def test_train_cli_bad_image_error_and_skip(tmp_path, cache):
     # The device cache leaves the sample out once (counted each epoch); a stream counts each
     # time a worker meets it (a lane that runs short may resample it).
     assert counts == [1, 1] if cache == "device" else len(counts) == 2 and min(counts) >= 1
+    # The audit scores every sample but the one left out, and says so.
+    from jocor_ddp.checkpoint import list_checkpoints
+    ckpt = list_checkpoints(tmp_path / "run" / "checkpoints")[0]
+    audit = run_python(["-m", "jocor_ddp.audit", str(ckpt), "--shards", str(shards),
+                        "--out", str(tmp_path / "audit.csv")])
+    summary = json.loads((tmp_path / "audit.json").read_text())
+    assert summary["samples"] == 95 and summary["left_out_bad"] == 1, audit.stdout
+    rows = (tmp_path / "audit.csv").read_text().splitlines()[1:]
+    assert len(rows) == 95 and all(r.split(",")[1] != "40" for r in rows)
