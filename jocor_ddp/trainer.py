@@ -88,10 +88,13 @@ class EpochAccumulator:
         self.loss_sum += result.step.objective.double()
         self.trained_steps += 1
 
-    def state(self, ctx: DistContext) -> dict:
+    def state(self, ctx: DistContext, loader_bad: int = 0) -> dict:
         """Totals over all ranks (a collective): integers in float64, so the sum is exact
-        and a resume with another world size continues the same totals."""
-        totals = all_reduce_sum(ctx, self.counts.clone())
+        and a resume with another world size continues the same totals. ``loader_bad``: the
+        bad samples this rank's loader met so far this epoch (data.on_bad_sample: skip)."""
+        counts = self.counts.clone()
+        counts[3] += loader_bad
+        totals = all_reduce_sum(ctx, counts)
         return {"counts": totals.cpu(), "loss_sum": self.loss_sum.cpu(),
                 "trained_steps": self.trained_steps, "skipped_steps": self.skipped_steps}
 
@@ -377,7 +380,8 @@ class Trainer:
     def save(self, epoch: int, step_in_epoch: int, acc: Optional[EpochAccumulator]) -> None:
         """Checkpoint the position "epoch ``epoch``, ``step_in_epoch`` steps done". Every rank
         calls it (the counters and RNG states are gathered); rank 0 writes the file."""
-        acc_state = acc.state(self.ctx) if acc is not None else None
+        loader_bad = getattr(self.data.train, "bad_samples", 0)
+        acc_state = acc.state(self.ctx, loader_bad) if acc is not None else None
         rngs = all_gather_objects(self.ctx, rng_state())
         # Rank 0 writes; a failed write (disk full, no permission) is raised on every rank.
         self.last_checkpoint = agree(self.ctx, lambda: self._write_checkpoint(epoch, step_in_epoch, acc_state, rngs))

@@ -204,3 +204,22 @@ def test_stream_refuses_another_world_size_mid_epoch(data, shard_args, tmp_path)
     proc = run_torchrun(1, _args(data, run_dir, *shard_args), check=False)
     assert proc.returncode != 0
     assert "stopped mid-epoch under 2 ranks" in proc.stderr and "resume with 2 ranks" in proc.stderr
+
+
+def test_stream_skipping_bad_samples_resumes_with_the_same_counts(data, tmp_path):
+    """data.on_bad_sample=skip: the bad samples met before a mid-epoch checkpoint travel in it,
+    so the resumed run's rows, bad_samples included, equal the uninterrupted run's."""
+    from helpers import run_python
+    from shard_fixtures import rewrite_sample, undecodable_png
+    shards = tmp_path / "shards"
+    run_python(["-m", "jocor_ddp.prepare", "mnist", "--src", str(data), "--out", str(shards),
+                "--shard-size", "32", "--progress", "never"])
+    for idx in (5, 70, 200):
+        rewrite_sample(shards, "train", idx, image=undecodable_png())
+    args = ["data.source=shards", f"data.shards={shards}", "data.cache=stream", "data.num_workers=1",
+            "data.on_bad_sample=skip"]
+    run_torchrun(2, _args(data, tmp_path / "a", *args))
+    run_torchrun(2, _args(data, tmp_path / "b", *args), env=child_env(JOCOR_FAULT="sigterm:0:13"))
+    run_torchrun(2, _args(data, tmp_path / "b", *args))
+    assert sum(r["bad_samples"] for r in _rows(tmp_path / "a")) >= 3
+    assert_same_run(tmp_path / "b", tmp_path / "a")

@@ -354,10 +354,13 @@ class CachedTrainLoader:
         self.split_idx = torch.from_numpy(split_idx).to(inner.device)
         self.geo, self.seed = geo, seed
         # Counted on rank 0 only: every rank left out the same samples.
+        self.static_bad = bad_samples
         self.bad_samples = bad_samples
         self.normalize = Normalize(geo, inner.device)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        # The left-out samples count once per epoch: in a resumed epoch the checkpoint has them.
+        self.bad_samples = self.static_bad if start_step == 0 else 0
         if self.geo.native is None:
             u = torch.from_numpy(sample_uniforms(self.seed, epoch, self.split_idx_np)).to(self.inner.device)
             room = self.geo.resize - self.geo.crop + 1
@@ -690,7 +693,9 @@ class StreamTrainLoader(_Feed):
         self.bad_samples = static_bad
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        self.bad_samples = self.static_bad
+        # bad_samples: those met in the steps yielded, plus the ones left out up front when the
+        # epoch starts at step 0; a resumed epoch's earlier count travels in the checkpoint.
+        self.bad_samples = self.static_bad if start_step == 0 else 0
         if start_step >= self.steps_per_epoch:
             return
         batches = iter(make_loader(TrainLanes(self.plan, epoch, start_step), self.num_workers, self.device))
