@@ -13,7 +13,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -208,9 +208,14 @@ class TrainConfig:
     compile: bool = False
     on_nonfinite: str = "error"
     # Steps between host syncs: the non-finite verdict and the stop-signal agreement are read
-    # every N steps (a launch-bound GPU step is slowed by each sync). A non-finite value is
-    # still reported with the step it appeared on; 'skip' needs the verdict at once (N = 1).
-    sync_every: int = 1
+    # every N steps (each sync drains the GPU's queue). A non-finite value is still reported
+    # with the step it appeared on; 'skip' needs the verdict at once (N = 1).
+    # null (auto): 1 on CPU and with on_nonfinite=skip, 50 on CUDA.
+    sync_every: Optional[int] = None
+    # The whole step as one CUDA graph replay. auto: captured on CUDA wherever possible (one
+    # process; not with on_nonfinite=skip), else eager with a one-line notice, and eager if
+    # the capture fails; true: an error where it is impossible; false: always eager.
+    cuda_graph: Union[bool, str] = "auto"
     # auto: continue from the newest checkpoint in RUN/checkpoints that loads; never: start
     # fresh; any other value: the path of a checkpoint to continue from.
     resume: str = "auto"
@@ -225,12 +230,15 @@ class TrainConfig:
         _choice("train.device", self.device, DEVICES)
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.on_nonfinite", self.on_nonfinite, NONFINITE)
-        _positive("train.sync_every", self.sync_every)
-        if self.sync_every > 1 and self.on_nonfinite == "skip":
+        if self.sync_every is not None:
+            _positive("train.sync_every", self.sync_every)
+        if self.sync_every is not None and self.sync_every > 1 and self.on_nonfinite == "skip":
             raise ConfigError("train.sync_every: must be 1 with train.on_nonfinite=skip (a step can only "
                               "be skipped when its verdict is read at once)")
         if not self.resume:
             raise ConfigError("train.resume: must be 'auto', 'never' or the path of a checkpoint")
+        if self.cuda_graph not in (True, False, "auto"):
+            raise ConfigError(f"train.cuda_graph: {self.cuda_graph!r} is not one of 'auto', true, false")
 
 
 @dataclass
@@ -315,9 +323,14 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
+        if value is None and len(args) < len(typing.get_args(hint)):
             return None
-        return _convert(key, value, args[0])
+        for arg in args[:-1]:  # Union[bool, str]: a YAML true / false stays a bool
+            try:
+                return _convert(key, value, arg)
+            except ConfigError:
+                pass
+        return _convert(key, value, args[-1])
     if value is None:
         raise ConfigError(f"{key}: must not be null")
     if hint is bool:

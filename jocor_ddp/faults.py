@@ -15,8 +15,6 @@ import signal
 import time
 from dataclasses import dataclass
 
-import torch
-
 KINDS = ("crash", "sigterm", "hang", "nan")
 
 
@@ -54,7 +52,9 @@ class FaultInjector:
                 while True:
                     time.sleep(3600)
 
-    def corrupt(self, step: int, logits: torch.Tensor) -> torch.Tensor:
-        if any(f.step == step and f.kind == "nan" for f in self.faults):
-            return logits * float("nan")
-        return logits
+    def has(self, kind: str) -> bool:
+        return any(f.kind == kind for f in self.faults)
+
+    def fires(self, kind: str, step: int) -> bool:
+        """Whether a fault of ``kind`` is due at ``step`` (the step applies ``nan`` itself)."""
+        return any(f.kind == kind and f.step == step for f in self.faults)

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -25,6 +24,7 @@ from .data import DataBundle, DataError, build_data
 from .dist import DistContext
 from .models import ModelPair, build_pair
 from .progress import Progress, progress_enabled
+from .step import autocast
 
 
 class CommandError(RuntimeError):
@@ -108,11 +108,7 @@ class Restored:
 
     def autocast(self):
         """The precision the run was trained and evaluated in, so that scores match metrics.jsonl."""
-        precision = self.state.get("precision", "fp32")
-        if precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-            return torch.autocast(self.device.type, dtype=dtype)
-        return nullcontext()
+        return autocast(self.state.get("precision", "fp32"), self.device)
 
     @torch.no_grad()
     def score(self, batches: Iterable, total: int, desc: str) -> Iterator[tuple]:

@@ -11,10 +11,11 @@ from .config import ConfigError, dump_config, load_config
 from .data import DataError
 from .dist import RemoteError, close_distributed, init_distributed
 from .preemption import Preempted
-from .trainer import NonFiniteError, Trainer
+from .step import CaptureError, NonFiniteError
+from .trainer import Trainer
 
 # Errors every rank reaches on the same input: each rank says it, none waits for the others.
-EXPECTED = (ConfigError, DataError, NonFiniteError, CheckpointError, RemoteError)
+EXPECTED = (ConfigError, DataError, NonFiniteError, CheckpointError, RemoteError, CaptureError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -64,21 +64,34 @@ class MemoryTrainLoader:
         # Training drops the last partial batch (as the reference does): every rank runs
         # the same number of steps, so no rank waits alone in a collective.
         self.steps_per_epoch = n // global_batch
+        # Where this rank's samples sit in a global batch.
+        self.offsets = torch.arange(rank * self.local_batch, (rank + 1) * self.local_batch, device=device)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        order = torch.from_numpy(epoch_permutation(self.num_samples, self.seed, epoch)).to(self.device)
+    def epoch_plan(self, epoch: int, start_step: int = 0) -> dict[str, torch.Tensor]:
+        """The epoch's order (and crops) as device tensors of fixed shapes: a captured step
+        gathers from them, so a new epoch only overwrites them in place. (``start_step``
+        matters to loaders that count per epoch; this one has nothing to count.)"""
+        plan = {"order": torch.from_numpy(epoch_permutation(self.num_samples, self.seed, epoch)).to(self.device)}
         if self.augment:
             # Drawn per global position, so the same sample gets the same crop whatever W is.
             rng = np.random.default_rng([self.seed, epoch, 1])
-            shifts = torch.from_numpy(rng.integers(0, 9, size=(self.num_samples, 2))).to(self.device)
-            flips = torch.from_numpy(rng.random(self.num_samples) < 0.5).to(self.device)
+            plan["shifts"] = torch.from_numpy(rng.integers(0, 9, size=(self.num_samples, 2))).to(self.device)
+            plan["flips"] = torch.from_numpy(rng.random(self.num_samples) < 0.5).to(self.device)
+        return plan
+
+    def gather(self, plan: dict[str, torch.Tensor], step: torch.Tensor) -> Batch:
+        """This rank's share of global batch ``step`` (a device integer): device ops only."""
+        positions = step * self.global_batch + self.offsets
+        idx = plan["order"][positions]
+        x = to_float(self.images[idx])
+        if self.augment:
+            x = random_crop_flip(x, plan["shifts"][positions], plan["flips"][positions])
+        return Batch(x=x, y=self.noisy[idx], clean=self.clean[idx], idx=idx)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        plan = self.epoch_plan(epoch, start_step)
         for step in range(start_step, self.steps_per_epoch):
-            lo = step * self.global_batch + self.rank * self.local_batch
-            idx = order[lo:lo + self.local_batch]
-            x = to_float(self.images[idx])
-            if self.augment:
-                x = random_crop_flip(x, shifts[lo:lo + self.local_batch], flips[lo:lo + self.local_batch])
-            yield Batch(x=x, y=self.noisy[idx], clean=self.clean[idx], idx=idx)
+            yield self.gather(plan, torch.tensor(step, device=self.device))
 
 
 class MemoryEvalLoader:

@@ -358,18 +358,27 @@ class CachedTrainLoader:
         self.bad_samples = bad_samples
         self.normalize = Normalize(geo, inner.device)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+    def epoch_plan(self, epoch: int, start_step: int = 0) -> dict[str, torch.Tensor]:
         # The left-out samples count once per epoch: in a resumed epoch the checkpoint has them.
         self.bad_samples = self.static_bad if start_step == 0 else 0
+        plan = self.inner.epoch_plan(epoch)
         if self.geo.native is None:
             u = torch.from_numpy(sample_uniforms(self.seed, epoch, self.split_idx_np)).to(self.inner.device)
             room = self.geo.resize - self.geo.crop + 1
-            tops, lefts, flips = (u[:, 0] * room).long(), (u[:, 1] * room).long(), u[:, 2] < 0.5
-        for b in self.inner.epoch(epoch, start_step):
-            x = b.x
-            if self.geo.native is None:
-                x = crop_flip_batch(x, tops[b.idx], lefts[b.idx], self.geo.crop, flips[b.idx])
-            yield Batch(x=self.normalize(x), y=b.y, clean=b.clean, idx=self.split_idx[b.idx])
+            plan.update(tops=(u[:, 0] * room).long(), lefts=(u[:, 1] * room).long(), crop_flips=u[:, 2] < 0.5)
+        return plan
+
+    def gather(self, plan: dict[str, torch.Tensor], step: torch.Tensor) -> Batch:
+        b = self.inner.gather(plan, step)
+        x = b.x
+        if self.geo.native is None:
+            x = crop_flip_batch(x, plan["tops"][b.idx], plan["lefts"][b.idx], self.geo.crop, plan["crop_flips"][b.idx])
+        return Batch(x=self.normalize(x), y=b.y, clean=b.clean, idx=self.split_idx[b.idx])
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        plan = self.epoch_plan(epoch, start_step)
+        for step in range(start_step, self.steps_per_epoch):
+            yield self.gather(plan, torch.tensor(step, device=self.inner.device))
 
 
 class CachedEvalLoader:

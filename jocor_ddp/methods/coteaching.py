@@ -19,17 +19,17 @@ def cross_entropies(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.
                         F.cross_entropy(logits2.float(), labels, reduction="none")])
 
 
-def cross_update(ce: torch.Tensor, forget_rate: float, sel: Selector,
+def cross_update(ce: torch.Tensor, remember: torch.Tensor, sel: Selector,
                  eligible_all: Optional[torch.Tensor] = None) -> MethodStep:
     """Network 1 learns from network 2's kept set and vice versa (ce: (2, b), with grad)."""
     ce_all = sel.gather(ce.detach())
-    kept1 = sel.keep_smallest(ce_all[0], forget_rate, eligible_all)  # chosen by network 1
-    kept2 = sel.keep_smallest(ce_all[1], forget_rate, eligible_all)  # chosen by network 2
+    kept1 = sel.keep_smallest(ce_all[0], remember, eligible_all)  # chosen by network 1
+    kept2 = sel.keep_smallest(ce_all[1], remember, eligible_all)  # chosen by network 2
     loss = sel.mean(ce[0], kept2) + sel.mean(ce[1], kept1)
     objective = sel.objective(ce_all[0], kept2) + sel.objective(ce_all[1], kept1)
     return MethodStep(loss=loss, checked=ce_all, kept_local=torch.stack([kept1.local, kept2.local]),
                       kept_global=torch.stack([kept1.glob, kept2.glob]), objective=objective)
 
 
-def step(logits1, logits2, labels, forget_rate: float, sel: Selector) -> MethodStep:
-    return cross_update(cross_entropies(logits1, logits2, labels), forget_rate, sel)
+def step(logits1, logits2, labels, remember: torch.Tensor, sel: Selector) -> MethodStep:
+    return cross_update(cross_entropies(logits1, logits2, labels), remember, sel)

@@ -3,18 +3,24 @@ samples on which the two networks' predictions disagree. Before ``method.init_ep
 it is plain Co-teaching, as in the authors' code. The disagreement set and each network's
 small-loss choice within it are taken over the whole global batch. When no sample of the
 global batch is disputed, the step updates nothing (the authors' code falls back to a
-plain cross-entropy only during its first 5,000 iterations)."""
+plain cross-entropy only during its first 5,000 iterations).
+
+Whether the disagreement applies is a device boolean: before ``init_epoch`` every sample is
+eligible, which selects exactly what plain Co-teaching selects, so one step (and one CUDA
+graph) serves both phases, with no host sync for the data-dependent count.
+"""
 
 from __future__ import annotations
+
+import torch
 
 from . import MethodStep
 from .coteaching import cross_entropies, cross_update
 from .selection import Selector
 
 
-def step(logits1, logits2, labels, forget_rate: float, sel: Selector, disagreement: bool) -> MethodStep:
+def step(logits1, logits2, labels, remember: torch.Tensor, sel: Selector, disagreement: torch.Tensor) -> MethodStep:
     ce = cross_entropies(logits1, logits2, labels)
-    if not disagreement:
-        return cross_update(ce, forget_rate, sel)
-    disagree_all = sel.gather(logits1.detach().argmax(1) != logits2.detach().argmax(1))
-    return cross_update(ce, forget_rate, sel, eligible_all=disagree_all)
+    disagree = logits1.detach().argmax(1) != logits2.detach().argmax(1)
+    eligible_all = sel.gather(disagree | ~disagreement)
+    return cross_update(ce, remember, sel, eligible_all=eligible_all)

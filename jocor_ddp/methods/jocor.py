@@ -34,12 +34,13 @@ def jocor_loss(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tenso
     return (1.0 - co_lambda) * ce + co_lambda * symmetric_kl(logp1, logp2)
 
 
-def step(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor, forget_rate: float,
+def step(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor, remember: torch.Tensor,
          sel: Selector, co_lambda: float) -> MethodStep:
-    """Keep the small-joint-loss samples; one mean over them updates both networks."""
+    """Keep the small-joint-loss samples (the ``remember`` = 1 - r share); one mean over
+    them updates both networks."""
     losses = jocor_loss(logits1, logits2, labels, co_lambda)
     losses_all = sel.gather(losses.detach())
-    kept = sel.keep_smallest(losses_all, forget_rate)
+    kept = sel.keep_smallest(losses_all, remember)
     return MethodStep(loss=sel.mean(losses, kept), checked=losses_all[None],
                       kept_local=kept.local[None], kept_global=kept.glob[None],
                       objective=sel.objective(losses_all, kept))

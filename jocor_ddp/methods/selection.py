@@ -6,7 +6,12 @@ global batch order), and the k = floor((1 - r) * W * b) smallest are kept, ties 
 by global position (a stable sort), so exactly k samples are kept across all ranks.
 Each rank then backpropagates sum(kept local losses) * W / k: DDP averages gradients
 over W ranks, which yields exactly the gradient of the mean over the k kept samples.
-Sorting and selecting happen on the device: no CPU sort.
+
+Nothing here reads a device value on the host: k is a device tensor computed from the
+share to remember (1 - r, a device scalar that the step updates in place between epochs)
+and, for the disagreement methods, from the eligible count, so that a CUDA graph of the
+step stays right when the forget rate changes. The mask is "rank in the stable order < k",
+a fixed-shape comparison, instead of indexing with a Python k.
 
 Local selection (``selection: local``) is the naive alternative kept for comparison: each
 rank keeps the k_local = floor((1 - r) * b) smallest of its own samples and averages over
@@ -29,14 +34,25 @@ def num_remember(forget_rate: float, n: int) -> int:
     return max(1, int(math.floor((1.0 - forget_rate) * n)))
 
 
-def smallest_mask(values: torch.Tensor, k: int, eligible: Optional[torch.Tensor] = None) -> torch.Tensor:
+def count_remember(remember: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+    """``num_remember`` on the device: ``remember`` = 1 - r (float64 scalar), ``n`` the
+    candidates (an integer tensor, or the fixed batch size). float64 throughout, so k
+    equals the host formula's exactly; 0 when there is no candidate."""
+    if isinstance(n, int):  # the batch size: the same number at every step
+        return torch.floor(remember * float(n)).long().clamp(min=1 if n else 0)
+    k = torch.floor(remember * n.double()).long().clamp(min=1)
+    return torch.where(n > 0, k, 0)
+
+
+def smallest_mask(values: torch.Tensor, k: torch.Tensor, eligible: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Boolean mask of the k smallest values (ties: the earlier position wins), chosen
-    among the eligible positions only."""
+    among the eligible positions only; k is a device integer."""
     if eligible is not None:
         values = torch.where(eligible, values, torch.inf)
     order = torch.sort(values, stable=True).indices
-    mask = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
-    mask[order[:k]] = True
+    # Each position's place in the stable order: the inverse permutation, by a scatter.
+    place = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    mask = place < k
     if eligible is not None:
         mask &= eligible
     return mask
@@ -47,7 +63,7 @@ class Kept:
     """One kept set: this rank's part, the whole batch's, and the count normalising the mean."""
     local: torch.Tensor   # bool (b,)
     glob: torch.Tensor    # bool (W*b,)
-    count: int            # samples the mean is taken over (global k, or local k for local selection)
+    count: torch.Tensor   # int64 scalar: samples the mean is taken over (global k, or local k)
 
 
 class Selector:
@@ -70,22 +86,19 @@ class Selector:
     def _local_slice(self, b: int) -> slice:
         return slice(self.ctx.rank * b, (self.ctx.rank + 1) * b)
 
-    def keep_smallest(self, losses_all: torch.Tensor, forget_rate: float,
+    def keep_smallest(self, losses_all: torch.Tensor, remember: torch.Tensor,
                       eligible_all: Optional[torch.Tensor] = None) -> Kept:
-        """Keep the (1 - r) share with the smallest loss, among the eligible samples.
-        ``losses_all`` / ``eligible_all`` are gathered (W*b,) tensors."""
+        """Keep the ``remember`` (= 1 - r) share with the smallest loss, among the eligible
+        samples. ``losses_all`` / ``eligible_all`` are gathered (W*b,) tensors."""
         n_all = losses_all.shape[0]
         b = n_all // self.ctx.world_size
         mine = self._local_slice(b)
         if self.kind == "global":
-            # A data-dependent eligible count needs one host sync (Co-teaching+, Decoupling).
-            n = n_all if eligible_all is None else int(eligible_all.sum())
-            k = num_remember(forget_rate, n) if n else 0
+            k = count_remember(remember, n_all if eligible_all is None else eligible_all.sum())
             mask = smallest_mask(losses_all, k, eligible_all)
             return Kept(mask[mine], mask, k)
         eligible = None if eligible_all is None else eligible_all[mine]
-        n = b if eligible is None else int(eligible.sum())
-        k = num_remember(forget_rate, n) if n else 0
+        k = count_remember(remember, b if eligible is None else eligible.sum())
         local = smallest_mask(losses_all[mine], k, eligible)
         return Kept(local, self.gather(local), k)
 
@@ -94,25 +107,27 @@ class Selector:
         b = eligible_all.shape[0] // self.ctx.world_size
         mine = self._local_slice(b)
         if self.kind == "global":
-            return Kept(eligible_all[mine], eligible_all, int(eligible_all.sum()))
-        return Kept(eligible_all[mine], eligible_all, int(eligible_all[mine].sum()))
+            return Kept(eligible_all[mine], eligible_all, eligible_all.sum())
+        return Kept(eligible_all[mine], eligible_all, eligible_all[mine].sum())
 
     def mean(self, losses_local: torch.Tensor, kept: Kept) -> torch.Tensor:
         """The scalar this rank backpropagates so that DDP's gradient average is the
         gradient of the mean over the kept samples (global: of the whole batch)."""
         # where(), not a product: a dropped sample's inf or NaN must not leak into the sum.
         total = torch.where(kept.local, losses_local, 0.0).sum()
-        if kept.count == 0:
-            return total * 0.0  # nothing to learn from: a zero loss that still reaches every parameter
         scale = self.ctx.world_size if self.kind == "global" else 1
-        return total * (scale / kept.count)
+        # scale / count in float64, then rounded once to the loss's dtype: the same factor as
+        # a Python float would give. With nothing kept the factor is 0: a zero loss that still
+        # reaches every parameter.
+        count = kept.count.clamp(min=1).double()
+        factor = torch.where(kept.count > 0, torch.full_like(count, scale) / count, 0.0)
+        return total * factor.to(total.dtype)
 
     def objective(self, losses_all: torch.Tensor, kept: Kept) -> torch.Tensor:
         """The batch's objective value from the gathered losses: the same on every rank."""
-        if kept.count == 0:
-            return torch.zeros((), device=losses_all.device)
         if self.kind == "global":
-            return torch.where(kept.glob, losses_all, 0.0).sum() / kept.count
+            total = torch.where(kept.glob, losses_all, 0.0).sum()
+            return torch.where(kept.count > 0, total / kept.count.clamp(min=1).to(total.dtype), 0.0)
         per_rank = torch.where(kept.glob, losses_all, 0.0).view(self.ctx.world_size, -1).sum(1)
         counts = kept.glob.view(self.ctx.world_size, -1).sum(1).clamp(min=1)
         return (per_rank / counts).mean()

@@ -19,12 +19,12 @@ def main(out: str, overrides: list[str]) -> None:
     trainer = Trainer(cfg, ctx)
     kept = []
     for epoch in range(cfg.train.epochs):
-        trainer._set_schedule(epoch)
-        trainer.epoch = epoch
-        for batch in trainer.data.train.epoch(epoch):
-            result = trainer.train_step(batch, float(trainer.forget_rates[epoch]))
+        trainer.begin_epoch(epoch)
+        for item in trainer.step.feed.steps(epoch, 0):
+            trainer.step.run(item)
+            batch, out_ = trainer.step.last
             idx = all_gather_cat(ctx, batch.idx)
-            kept.append(torch.sort(idx[result.step.kept_global[0]]).values.cpu())
+            kept.append(torch.sort(idx[out_.kept_global[0]]).values.cpu())
     if ctx.is_main:
         state = {k: v.detach().cpu().clone() for k, v in trainer.pair.state_dict().items()}
         torch.save({"kept": kept, "state": state}, out)

@@ -1,0 +1,151 @@
+"""The captured step on a real GPU (marked cuda: skipped without one).
+
+Capture + replay against the same step run eagerly, for every method and both feeds;
+mixed precision under capture; a capture that fails falls back (auto) or stops the run
+(true); a captured run stopped mid-epoch resumes bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import child_env, make_cifar, make_mnist, run_python
+from jocor_ddp.checkpoint import list_checkpoints
+from jocor_ddp.config import load_config
+from jocor_ddp.data import Batch, DataBundle
+from jocor_ddp.dist import DistContext
+from jocor_ddp.step import CaptureError
+from jocor_ddp.trainer import Trainer
+
+pytestmark = pytest.mark.cuda
+METHODS = ["jocor", "coteaching", "coteaching_plus", "decoupling", "standard"]
+STEPS = 50
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory):
+    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=1024, n_test=64)
+
+
+def cuda() -> DistContext:
+    return DistContext(device=torch.device("cuda", torch.cuda.current_device()))
+
+
+def _cfg(tmp_path, name, *extra):
+    # 8 steps per epoch: 50 steps cross six epoch boundaries, the forget-rate ramp, the lr
+    # decay and the beta1 change (a second capture) at epoch 4.
+    return load_config(None, ["data.name=mnist", "model.arch=mlp", "train.batch_size=128", "train.epochs=8",
+                              "method.num_gradual=3", "train.epoch_decay_start=4", "method.init_epoch=2",
+                              "train.precision=fp32", "train.device=cuda", "log.progress=never",
+                              f"run.dir={tmp_path / name}", *extra])
+
+
+def _steps(trainer: Trainer, n: int):
+    """Run n steps across epochs; yield each step's kept sets (read after the step)."""
+    per_epoch = trainer.data.train.steps_per_epoch
+    epoch = -1
+    for i in range(n):
+        if i // per_epoch != epoch:
+            epoch = i // per_epoch
+            trainer.begin_epoch(epoch)
+            items = iter(trainer.step.feed.steps(epoch, 0))
+        trainer.step.run(next(items))
+        yield trainer.step.last[1].kept_global.clone()
+
+
+def assert_same_training(captured: Trainer, eager: Trainer, n: int = STEPS):
+    for i, (a, b) in enumerate(zip(_steps(captured, n), _steps(eager, n))):
+        assert torch.equal(a, b), f"step {i}: the captured step kept other samples"
+    assert captured.step.captured and not eager.step.captured
+    for (name, p), q in zip(captured.pair.named_parameters(), eager.pair.parameters()):
+        assert torch.equal(p, q), f"{name} differs by {(p - q).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_capture_and_replay_equal_eager_fp32(mnist, tmp_path, method):
+    extra = [f"data.root={mnist}", f"method.name={method}"]
+    assert_same_training(Trainer(_cfg(tmp_path, "g", "train.cuda_graph=true", *extra), cuda()),
+                         Trainer(_cfg(tmp_path, "e", "train.cuda_graph=false", *extra), cuda()))
+
+
+class ListLoader:
+    """A streamed loader stand-in: batches built on the host each step, as the shard stream
+    yields them (no gather: the step copies them into its buffers)."""
+
+    def __init__(self, n_steps: int, b: int, device):
+        rng = np.random.default_rng(0)
+        self.x = torch.from_numpy(rng.random((n_steps * b, 1, 28, 28), dtype=np.float32))
+        self.y = torch.from_numpy(rng.integers(0, 10, n_steps * b))
+        self.steps_per_epoch, self.num_samples, self.b, self.device = n_steps, n_steps * b, b, device
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        order = torch.from_numpy(np.random.default_rng([7, epoch]).permutation(self.num_samples))
+        for s in range(start_step, self.steps_per_epoch):
+            idx = order[s * self.b:(s + 1) * self.b]
+            yield Batch(x=self.x[idx].to(self.device), y=self.y[idx].to(self.device),
+                        clean=self.y[idx].to(self.device), idx=idx.to(self.device))
+
+
+def test_streamed_batches_copied_into_the_graph_equal_eager(tmp_path):
+    def trainer(name, graph):
+        loader = ListLoader(8, 128, cuda().device)
+        bundle = DataBundle(name="mnist", classes=[str(i) for i in range(10)], in_channels=1, image_size=28,
+                            train=loader, test=[], test_samples=0)
+        cfg = _cfg(tmp_path, name, "data.root=/nonexistent", f"train.cuda_graph={graph}", "noise.type=none",
+                   "noise.rate=0", "method.forget_rate=0.3")
+        return Trainer(cfg, cuda(), data=bundle)
+    assert_same_training(trainer("g", "true"), trainer("e", "false"))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cnn_pair_in_mixed_precision_is_captured_and_learns(tmp_path, precision):
+    root = make_cifar(tmp_path / "c10", n_train_per_batch=128, n_test=64).parent
+    cfg = load_config(None, ["data.name=cifar10", f"data.root={root}", "model.arch=cnn", "train.batch_size=64",
+                             "train.epochs=3", "method.num_gradual=1", "train.cuda_graph=true",
+                             f"train.precision={precision}", "log.progress=never", f"run.dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg, cuda())
+    rows = trainer.fit()
+    assert trainer.step.captured
+    assert all(np.isfinite(r["train_loss"]) for r in rows)
+    assert rows[-1]["kept"] == 10 * (64 // 2)  # 640 samples, 10 steps, half kept once the ramp is done
+
+
+def _poison_with_host_read(trainer):
+    """Make the step read a device value on the host, which a capture forbids."""
+    method = trainer.step.method
+    trainer.step.method = lambda *a: (lambda out: (out.objective.item(), out)[1])(method(*a))
+
+
+def test_a_failed_capture_trains_eagerly_under_auto_and_stops_under_true(mnist, tmp_path, capsys):
+    auto = Trainer(_cfg(tmp_path, "a", f"data.root={mnist}"), cuda())
+    _poison_with_host_read(auto)
+    kept = list(_steps(auto, 12))
+    assert len(kept) == 12 and not auto.step.captured and not auto.step.capture
+    assert "cuda graph: capturing the step failed" in capsys.readouterr().out
+    strict = Trainer(_cfg(tmp_path, "t", f"data.root={mnist}", "train.cuda_graph=true"), cuda())
+    _poison_with_host_read(strict)
+    with pytest.raises(CaptureError, match="train.cuda_graph: true, but capturing the step failed"):
+        list(_steps(strict, 12))
+
+
+def test_captured_run_stopped_mid_epoch_resumes_bit_for_bit(mnist, tmp_path):
+    args = ["-m", "jocor_ddp.train", "data.name=mnist", f"data.root={mnist}", "model.arch=mlp",
+            "train.batch_size=128", "train.epochs=3", "method.num_gradual=2", "train.precision=fp32",
+            "train.cuda_graph=true", "checkpoint.every_steps=5", "checkpoint.keep=20", "log.progress=never"]
+    run_python([*args, f"run.dir={tmp_path / 'a'}"])
+    stopped = run_python([*args, f"run.dir={tmp_path / 'b'}"], env=child_env(JOCOR_FAULT="sigterm:0:11"))
+    assert "stopped by signal 15 at epoch 2" in stopped.stdout
+    resumed = run_python([*args, f"run.dir={tmp_path / 'b'}"])
+    assert "resumed from" in resumed.stdout and "cuda graph" in resumed.stdout
+
+    def final(run):
+        rows = [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return rows, torch.load(list_checkpoints(run / "checkpoints")[0], weights_only=True)["model"]
+    (rows_a, model_a), (rows_b, model_b) = final(tmp_path / "a"), final(tmp_path / "b")
+    assert rows_a == rows_b
+    for k in model_a:
+        assert torch.equal(model_a[k], model_b[k]), k
