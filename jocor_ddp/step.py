@@ -19,6 +19,7 @@ consecutive steps to keep it that way.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from contextlib import nullcontext
 from typing import Iterable, Optional
@@ -86,6 +87,12 @@ def build_optimizer(params, lr: float, device: torch.device) -> tuple[torch.opti
         return torch.optim.Adam(params, lr=lr_t, fused=True, capturable=True), lr_t
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, lr=lr), None
+
+
+def detached(out: MethodStep) -> MethodStep:
+    """The step's outputs without the autograd graph: kept past the step (``TrainStep.last``),
+    the graph's nodes would meet the next step's backward on another stream (the warm-up's)."""
+    return dataclasses.replace(out, loss=out.loss.detach())
 
 
 class EpochCounters:
@@ -368,7 +375,7 @@ class TrainStep:
         batch, out, record = self._forward_backward()
         self.counters.note_bad(record)
         self._update(batch, out)
-        return batch, out
+        return batch, detached(out)
 
     # --- eager, capture, replay -----------------------------------------------------
 
@@ -395,7 +402,7 @@ class TrainStep:
         if kind < 0:
             self._update(batch, out)
             self.counters.trained_steps += 1
-            self.last = (batch, out)
+            self.last = (batch, detached(out))
             return
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled():

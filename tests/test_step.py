@@ -60,6 +60,7 @@ def test_step_equals_the_old_eager_step_bit_for_bit(mnist, tmp_path, method):
             assert torch.equal(batch.idx, ref_batch.idx)
             kept = reference.run(ref_batch)
             assert torch.equal(out.kept_global, kept), f"{method}: step {steps} kept other samples"
+            assert out.loss.grad_fn is None  # no autograd graph outlives its step
             steps += 1
     assert steps == EPOCHS * 6
     for (name, p), q in zip(trainer.pair.named_parameters(), reference.pair.parameters()):
