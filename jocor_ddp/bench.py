@@ -30,7 +30,9 @@ from .config import ConfigError, config_from_dict, load_config
 from .data.memory import MemoryTrainLoader
 from .data.shards import load_manifest
 from .data.sources import DataError
-from .data.stream import decode_split, open_shards, stream_loaders
+from .data.cache import decode_split
+from .data.shardset import open_shards
+from .data.stream import stream_loaders
 from .data.types import DataBundle
 from .dist import DistContext, close_distributed, init_distributed
 from .models import build_pair

@@ -20,7 +20,9 @@ from jocor_ddp.config import ConfigError, config_from_dict
 from jocor_ddp.data import build_data
 from jocor_ddp.data.shards import MANIFEST
 from jocor_ddp.data.sources import DataError
-from jocor_ddp.data.stream import make_loader, open_shards, sample_uniforms, stream_loaders
+from jocor_ddp.data.decode import make_loader, sample_uniforms
+from jocor_ddp.data.shardset import open_shards
+from jocor_ddp.data.stream import stream_loaders
 from jocor_ddp.dist import DistContext
 
 CPU = DistContext()

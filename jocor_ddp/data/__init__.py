@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..dist import DistContext
 from ..noise import make_noisy_labels
 from .memory import Lazy, MemoryEvalLoader, MemoryTrainLoader
@@ -14,12 +14,37 @@ __all__ = ["Batch", "DataBundle", "DataError", "EvalBatch", "build_data"]
 
 def build_data(cfg: Config, ctx: DistContext) -> DataBundle:
     if cfg.data.source == "shards":
-        # Imported here: the memory source needs neither webdataset nor torchvision.io.
-        from .stream import build_shard_bundle
-        return build_shard_bundle(cfg, ctx)
+        return _build_shards(cfg, ctx)
     if cfg.data.source != "memory":
         raise DataError(f"data.source: {cfg.data.source!r} is not available in this build")
     return _build_memory(cfg, ctx)
+
+
+def _build_shards(cfg: Config, ctx: DistContext) -> DataBundle:
+    """Verified shards, fed from the device cache or streamed (data.cache)."""
+    # Imported here: the memory source needs neither webdataset nor torchvision.io.
+    from .cache import cached_loaders
+    from .decode import IMAGENET_MEAN, IMAGENET_STD
+    from .shardset import choose_cache, open_shards
+    from .stream import StreamEvalLoader, stream_loaders
+    if cfg.data.gpu_decode and ctx.device.type != "cuda":
+        raise ConfigError("data.gpu_decode: needs a CUDA training device (train.device)")
+    data = open_shards(cfg, ctx)
+    cache = choose_cache(cfg, data)
+    if cache == "device":
+        loaders = cached_loaders(cfg, ctx, data)
+    else:
+        loaders = stream_loaders(cfg, ctx, data, raw_jpeg=cfg.data.gpu_decode)
+    m = data.manifest
+    normalization = None if data.geo.native else {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    bundle = DataBundle(name=m.dataset, classes=m.classes, in_channels=data.geo.channels,
+                        image_size=data.geo.side, train=loaders.train, test=loaders.test,
+                        test_samples=loaders.test_samples, noise=data.noise, train_eval=loaders.train_eval,
+                        normalization=normalization,
+                        extra={"shards": str(m.root), "cache": cache, "eval_split": cfg.data.eval_split})
+    if isinstance(loaders.test, StreamEvalLoader):
+        loaders.test.bundle = bundle  # the scored count is known only after streaming
+    return bundle
 
 
 def _build_memory(cfg: Config, ctx: DistContext) -> DataBundle:

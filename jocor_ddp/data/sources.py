@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,11 @@ import numpy as np
 
 class DataError(RuntimeError):
     """Missing or malformed data; the message names the file and says what to do."""
+
+
+def warn(msg: str) -> None:
+    """A data problem that does not stop the run (data.on_bad_sample: skip)."""
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass

@@ -1,0 +1,98 @@
+"""A verified shard set: the manifest and both splits checked on every rank before the
+first collective (files, sizes, sha256, index, labels), the labels resolved (noise drawn
+once, on the whole split), and the choice between the device cache and the stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from ..config import Config, ConfigError
+from ..dist import DistContext
+from ..noise import NoiseInfo, make_noisy_labels
+from .decode import Geometry, geometry
+from .shards import Manifest, SplitIndex, load_manifest, verify_split
+from .sources import DataError, warn
+
+# --- the verified shards, labels resolved ---------------------------------------------
+
+@dataclass
+class ShardData:
+    manifest: Manifest
+    geo: Geometry
+    train: SplitIndex
+    test: SplitIndex
+    train_keep: np.ndarray  # by sample index: in the subset and not a known bad sample
+    test_keep: np.ndarray
+    train_bad: int          # known bad samples left out (data.on_bad_sample: skip)
+    test_bad: int
+    noisy: np.ndarray       # by sample index
+    clean: np.ndarray
+    test_labels: np.ndarray
+    noise: Optional[NoiseInfo]
+
+
+def _usable(split: SplitIndex, limit: Optional[int], num_classes: int, skip: bool,
+            ctx: DistContext) -> tuple[np.ndarray, int]:
+    keep = np.zeros(split.samples, dtype=bool)
+    keep[:min(limit or split.samples, split.samples)] = True
+    bad = [pos for pos in split.bad_labels(num_classes) if keep[split.rows["idx"][pos]]]
+    if bad and not skip:
+        raise DataError(split.describe_label(bad[0], num_classes))
+    if bad:
+        keep[split.rows["idx"][bad]] = False
+        if ctx.is_main:
+            warn(f"left out {len(bad)} sample(s) of split {split.name!r} with a label outside "
+                  f"[0, {num_classes}) (data.on_bad_sample=skip); the first: {split.where(bad[0])}")
+    return keep, len(bad)
+
+
+def _labels(cfg: Config, manifest: Manifest, split: SplitIndex, keep: np.ndarray):
+    n = min(cfg.data.train_subset or split.samples, split.samples)
+    cls, clean = split.by_idx("cls")[:n], split.by_idx("clean")[:n]
+    if manifest.labels == "noisy":
+        if cfg.noise.type != "none":
+            raise ConfigError(f"noise.type: {manifest.dataset}'s labels are already noisy; set "
+                              f"noise.type=none noise.rate=0 (and method.forget_rate)")
+        if cfg.method.forget_rate is None:
+            # tau would default to the synthetic noise rate, 0: JoCoR would keep every sample.
+            raise ConfigError(f"method.forget_rate: {manifest.dataset}'s labels are already noisy, so "
+                              f"the forget rate cannot follow noise.rate; set it (e.g. 0.38 for Clothing1M)")
+        return cls, clean, None
+    # Labels left out as bad are drawn as class 0: each sample's noisy label depends on its
+    # own clean label and its own uniform only, so every other sample's is unchanged.
+    safe = np.where(keep[:n], cls, 0)
+    noisy, info = make_noisy_labels(cfg.noise, safe, manifest.num_classes, manifest.dataset)
+    return noisy, safe, info
+
+
+def open_shards(cfg: Config, ctx: DistContext) -> ShardData:
+    """Verify the manifest and the train and evaluation splits, resolve the labels."""
+    manifest = load_manifest(cfg.data.shards)
+    if manifest.dataset != cfg.data.name:
+        raise DataError(f"{manifest.root}: holds {manifest.dataset!r} shards, data.name is {cfg.data.name!r}")
+    train = verify_split(manifest, "train", cfg.data.verify)
+    test = verify_split(manifest, cfg.data.eval_split, cfg.data.verify)
+    c, skip = manifest.num_classes, cfg.data.on_bad_sample == "skip"
+    train_keep, train_bad = _usable(train, cfg.data.train_subset, c, skip, ctx)
+    test_keep, test_bad = _usable(test, cfg.data.test_subset, c, skip, ctx)
+    noisy, clean, info = _labels(cfg, manifest, train, train_keep)
+    return ShardData(manifest, geometry(cfg, manifest), train, test, train_keep, test_keep, train_bad,
+                     test_bad, noisy, clean, test.by_idx("cls"), info)
+
+
+def choose_cache(cfg: Config, data: ShardData) -> str:
+    if cfg.data.cache != "auto":
+        return cfg.data.cache
+    h, w = data.geo.cached
+    need = (int(data.train_keep.sum()) + int(data.test_keep.sum())) * data.geo.channels * h * w
+    return "device" if need <= cfg.data.cache_budget_gb * 2**30 else "stream"
+
+
+class Loaders(NamedTuple):
+    train: object
+    test: object
+    test_samples: int
+    train_eval: object  # every training sample once, unaugmented, as Batches
