@@ -1,4 +1,5 @@
-"""Compare finished (or running) runs: ``python -m jocor_ddp.report RUN_DIR [...] --out DIR``.
+"""Compare finished (or running) runs: ``python -m jocor_ddp.report RUN_DIR [...] --out DIR``,
+or a whole sweep: ``python -m jocor_ddp.report --sweep SWEEP.yaml [--out DIR]``.
 
 Reads each RUN_DIR/metrics.jsonl and RUN_DIR/config.yaml and writes, in the JoCoR
 paper's style:
@@ -9,12 +10,18 @@ paper's style:
     DIR/report.json holds the same numbers unrounded;
   - DIR/test_accuracy.png and DIR/label_precision.png: one line per run against the
     epoch, the legend naming method and noise.
+With ``--sweep`` (``tables.py``): the paper's layout, a row per dataset and setting and a
+column per method, each cell the mean ± std over seeds (DIR/table.md, also printed, and
+DIR/table.csv; DIR defaults to the sweep's folder + /report), and per setting the test
+accuracy and label precision against the epoch, a line per method (the mean over the
+finished seeds, a band of ± one std).
 The table is written first; the plots need matplotlib (``pip install -e .[report]``).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,9 +29,9 @@ from typing import Optional
 
 import yaml
 
+from .grid import load_sweep
 from .restore import CommandError, guarded, read_metrics, write_json
-
-LAST_EPOCHS = 10
+from .tables import LAST_EPOCHS, Table, best_acc, build_table, last_epochs_mean, mean_acc
 METHOD_NAMES = {"jocor": "JoCoR", "coteaching": "Co-teaching", "coteaching_plus": "Co-teaching+",
                 "decoupling": "Decoupling", "standard": "Standard"}
 
@@ -43,20 +50,6 @@ class RunSummary:
     @property
     def label(self) -> str:
         return f"{METHOD_NAMES.get(self.method, self.method)} ({self.noise})"
-
-
-def mean_acc(row: dict) -> float:
-    return (row["test_acc1"] + row["test_acc2"]) / 2
-
-
-def last_epochs_mean(rows: list[dict], n: int = LAST_EPOCHS) -> float:
-    """Mean over the last min(n, E) epochs of the two networks' mean test accuracy."""
-    tail = rows[-n:]
-    return sum(mean_acc(r) for r in tail) / len(tail)
-
-
-def best_acc(rows: list[dict]) -> float:
-    return max(max(r["test_acc1"], r["test_acc2"]) for r in rows)
 
 
 def describe_noise(cfg: dict) -> str:
@@ -117,14 +110,18 @@ def markdown_table(summaries: list[RunSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summaries: list[RunSummary], out: Path, acc: str) -> list[Path]:
+def pyplot(table: Path):
     try:
         import matplotlib
     except ImportError:
-        raise CommandError(f"the plots need matplotlib: pip install -e .[report] "
-                           f"(the table is in {out / 'report.md'})") from None
+        raise CommandError(f"the plots need matplotlib: pip install -e .[report] (the table is in {table})") from None
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot(summaries: list[RunSummary], out: Path, acc: str) -> list[Path]:
+    plt = pyplot(out / "report.md")
 
     labels = [s.label for s in summaries]
     labels = [lab if labels.count(lab) == 1 else f"{lab}, {s.name}" for lab, s in zip(labels, summaries)]
@@ -144,19 +141,72 @@ def plot(summaries: list[RunSummary], out: Path, acc: str) -> list[Path]:
                           if r.get("label_precision") is not None]
                 if points:
                     ax.plot(*zip(*points), label=label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "no run records it", ha="center", va="center", transform=ax.transAxes)
-        fig.tight_layout()
-        path = out / f"{what}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(plt, fig, ax, ylabel, out / f"{what}.png", "no run records it"))
     return written
+
+
+def save_figure(plt, fig, ax, ylabel: str, path: Path, empty: str) -> Path:
+    """Label, legend (or say why there is no line) and write one plot."""
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(table: Table, out: Path) -> list[Path]:
+    """Per setting: test accuracy and label precision against the epoch, a line per method
+    (mean over the finished seeds) in a band of ± one std; unfinished runs are left out and
+    counted in the legend."""
+    plt = pyplot(out / "table.md")
+    written = []
+    for dataset, setting in table.rows:
+        for what, ylabel in (("test_accuracy", "test accuracy (%)"), ("label_precision", "label precision (%)")):
+            fig, ax = plt.subplots(figsize=(6, 4.5))
+            for method in table.methods:
+                cell = table.cell(dataset, setting, method)
+                get = mean_acc if what == "test_accuracy" else (
+                    lambda r: None if r.get("label_precision") is None else 100 * r["label_precision"])
+                series = [[get(r) for r in st.rows] for _, st in cell.finished]
+                series = [s for s in series if s and None not in s]
+                if not series:
+                    continue
+                n = min(len(s) for s in series)
+                per_epoch = [[s[e] for s in series] for e in range(n)]
+                mean = [sum(v) / len(v) for v in per_epoch]
+                epochs = list(range(1, n + 1))
+                name = f"{METHOD_NAMES.get(method, method)} ({len(series)} run{'s' if len(series) > 1 else ''}"
+                name += f"; {len(cell.unfinished)} unfinished left out)" if cell.unfinished else ")"
+                line, = ax.plot(epochs, mean, label=name)
+                if len(series) > 1:
+                    std = [statistics.stdev(v) for v in per_epoch]
+                    ax.fill_between(epochs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                                    color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.set_title(f"{dataset}, {setting}")
+            written.append(save_figure(plt, fig, ax, ylabel, out / f"{dataset.lower()}_{setting}_{what}.png",
+                                       "no finished run records it"))
+    return written
+
+
+def sweep_report(args: argparse.Namespace) -> None:
+    sweep = load_sweep(args.sweep)
+    out = Path(args.out) if args.out else sweep.dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    table = build_table(sweep)
+    markdown = table.markdown()
+    (out / "table.md").write_text(markdown)
+    (out / "table.csv").write_text(table.csv())
+    print(markdown, end="")
+    if not args.no_plots:
+        for path in plot_sweep(table, out):
+            print(f"wrote {path}")
+    print(f"wrote {out / 'table.md'} and {out / 'table.csv'}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -165,13 +215,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Compare runs: a Markdown table (DIR/report.md, also printed) and PNG plots of "
                     "test accuracy and label precision against the epoch, one line per run.",
         epilog="The plots need matplotlib: pip install -e .[report]. The table is written without it.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with metrics.jsonl "
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders (each with metrics.jsonl "
                                                              "and config.yaml)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--sweep", metavar="SWEEP.yaml", help="the table of a whole sweep (configs/sweeps/)")
+    p.add_argument("--out", metavar="DIR", help="output folder (with --sweep: default SWEEP_DIR/report)")
     p.add_argument("--acc", choices=("mean", "both"), default="mean",
                    help="plot the mean of the two networks' test accuracy (default) or both networks")
     p.add_argument("--no-plots", action="store_true", help="write only the table")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if bool(args.sweep) == bool(args.runs):
+        p.error("give run folders or --sweep SWEEP.yaml (one of the two)")
+    if args.runs and not args.out:
+        p.error("--out DIR is required with run folders")
+    return args
 
 
 def report(args: argparse.Namespace) -> None:
@@ -190,7 +246,8 @@ def report(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    return guarded(report, parse_args(argv))
+    args = parse_args(argv)
+    return guarded(sweep_report if args.sweep else report, args)
 
 
 if __name__ == "__main__":

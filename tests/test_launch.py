@@ -20,7 +20,7 @@ import yaml
 from helpers import FASHION_MNIST, REPO, child_env, make_mnist
 from jocor_ddp.config import load_config
 
-LAUNCHERS = ["launch/local.sh", "launch/multinode.sh", "launch/slurm.sbatch"]
+LAUNCHERS = ["launch/local.sh", "launch/multinode.sh", "launch/slurm.sbatch", "launch/sweep.sbatch"]
 VENV_BIN = Path(sys.executable).parent
 # Variables the launchers read: none may leak in from the machine running the tests.
 LAUNCH_VARS = re.compile(r"^(NNODES|NPROC_PER_NODE|RDZV_\w+|MAX_RESTARTS|RUNS|RUN_NAME|MASTER_ADDR|"
