@@ -167,6 +167,8 @@ def plot_sweep(table: Table, out: Path) -> list[Path]:
     plt = pyplot(out / "table.md")
     written = []
     for dataset, setting in table.rows:
+        if not any(table.cell(dataset, setting, m).finished for m in table.methods):
+            continue  # nothing finished in this setting yet
         for what, ylabel in (("test_accuracy", "test accuracy (%)"), ("label_precision", "label precision (%)")):
             fig, ax = plt.subplots(figsize=(6, 4.5))
             for method in table.methods:
@@ -176,7 +178,7 @@ def plot_sweep(table: Table, out: Path) -> list[Path]:
                 series = [[get(r) for r in st.rows] for _, st in cell.finished]
                 series = [s for s in series if s and None not in s]
                 if not series:
-                    continue
+                    continue  # a method with no finished run draws nothing; the table says why
                 n = min(len(s) for s in series)
                 per_epoch = [[s[e] for s in series] for e in range(n)]
                 mean = [sum(v) / len(v) for v in per_epoch]
@@ -198,7 +200,7 @@ def sweep_report(args: argparse.Namespace) -> None:
     sweep = load_sweep(args.sweep)
     out = Path(args.out) if args.out else sweep.dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    table = build_table(sweep)
+    table = build_table(sweep, sweep.select(args.where))
     markdown = table.markdown()
     (out / "table.md").write_text(markdown)
     (out / "table.csv").write_text(table.csv())
@@ -218,6 +220,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders (each with metrics.jsonl "
                                                              "and config.yaml)")
     p.add_argument("--sweep", metavar="SWEEP.yaml", help="the table of a whole sweep (configs/sweeps/)")
+    p.add_argument("--where", action="append", default=[], metavar="AXIS=V1,V2",
+                   help="with --sweep: the table of these runs only (as python -m jocor_ddp.sweep --where)")
     p.add_argument("--out", metavar="DIR", help="output folder (with --sweep: default SWEEP_DIR/report)")
     p.add_argument("--acc", choices=("mean", "both"), default="mean",
                    help="plot the mean of the two networks' test accuracy (default) or both networks")
@@ -227,6 +231,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give run folders or --sweep SWEEP.yaml (one of the two)")
     if args.runs and not args.out:
         p.error("--out DIR is required with run folders")
+    if args.where and not args.sweep:
+        p.error("--where goes with --sweep")
     return args
 
 

@@ -68,16 +68,20 @@ class Cell:
 
     def text(self, figure: str) -> str:
         mean, std = self.stats(figure)
+        waiting = self._waiting()
         if mean is None:
             if not self.unfinished:
                 return "n/a"
-            if len(self.unfinished) == 1:
-                return str(self.unfinished[0][1])
-            return f"{len(self.unfinished)} runs unfinished"
+            return str(self.unfinished[0][1]) if len(self.unfinished) == 1 else waiting
         out = f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
-        if self.unfinished:
-            out += f" (+{len(self.unfinished)} unfinished)"
-        return out
+        return f"{out} (+{waiting})" if waiting else out
+
+    def _waiting(self) -> str:
+        """The runs not averaged: '2 unfinished, 1 not started'."""
+        partial = sum(st.state == "partial" for _, st in self.unfinished)
+        fresh = len(self.unfinished) - partial
+        return ", ".join(part for part in (f"{partial} unfinished" if partial else "",
+                                           f"{fresh} not started" if fresh else "") if part)
 
 
 @dataclass
@@ -87,14 +91,18 @@ class Table:
     methods: list[str]
     cells: dict[tuple[str, str, str], Cell]
 
+    @property
+    def runs(self) -> int:
+        return sum(len(c.finished) + len(c.unfinished) for c in self.cells.values())
+
     def cell(self, dataset: str, setting: str, method: str) -> Cell:
         return self.cells.get((dataset, setting, method), Cell())
 
     def markdown(self) -> str:
         out = [f"# {self.sweep.description or self.sweep.path.stem}", "",
-               f"Sweep `{self.sweep.path}`, {len(self.sweep.runs)} runs in `{self.sweep.dir}`. Each cell: "
-               "mean ± std over the finished seeds (the sample std, from two seeds on); "
-               "'+k unfinished': runs still going or stopped, not in the mean."]
+               f"Sweep `{self.sweep.path}`, {self.runs} of its {len(self.sweep.runs)} runs, in `{self.sweep.dir}`. "
+               "Each cell: mean ± std over the finished seeds (the sample std, from two seeds on); "
+               "'+k unfinished' / 'not started': runs not in the mean."]
         for figure, title in TITLES.items():
             out += ["", f"## {title}", "", "| dataset | setting | " + " | ".join(self.methods) + " |",
                     "|---|---|" + "---:|" * len(self.methods)]
@@ -124,9 +132,10 @@ class Table:
         return buf.getvalue()
 
 
-def build_table(sweep: Sweep) -> Table:
+def build_table(sweep: Sweep, runs: Optional[list[Run]] = None) -> Table:
+    """The table of ``runs`` (default: the whole sweep)."""
     rows, methods, cells = [], [], {}
-    for run in sweep.runs:
+    for run in sweep.runs if runs is None else runs:
         key = (DATASETS.get(run.cfg.data.name, run.cfg.data.name), run.setting)
         if key not in rows:
             rows.append(key)

@@ -235,7 +235,10 @@ def test_report_mean_and_std_match_a_hand_computation(tmp_path):
         "".join(json.dumps(r) + "\n" for r in written["sym20-standard-seed1"][:4]))
     (tmp_path / "table" / "sym20-standard-seed2").joinpath("metrics.jsonl").unlink()
     assert report.main(["--sweep", str(path), "--out", str(out), "--no-plots"]) == 0
-    assert "| MNIST | sym20 | 3 runs unfinished |" in (out / "table.md").read_text()
+    assert "| MNIST | sym20 | 2 unfinished, 1 not started |" in (out / "table.md").read_text()
+    picked = tmp_path / "picked"
+    assert report.main(["--sweep", str(path), "--out", str(picked), "--no-plots", "--where", "method.name=jocor"]) == 0
+    assert f"| MNIST | sym20 | {jocor_cell} |" in (picked / "table.md").read_text()
 
 
 def test_report_plots_a_sweep(tmp_path):
