@@ -397,19 +397,24 @@ def _set(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file", *, empty_ok: bool = True) -> dict:
+    """A YAML file whose top level is a mapping; errors name ``what`` and the path."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {path}: not found")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"{what} {path}: not valid YAML: {where}{problem or str(exc).splitlines()[0]}") from None
+    if (loaded is None and not empty_ok) or (loaded is not None and not isinstance(loaded, dict)):
+        raise ConfigError(f"{what} {path}: expected a mapping at the top level")
+    return loaded or {}
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path}: not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top level")
-        tree = loaded or {}
+    tree: dict = read_yaml_mapping(path) if path is not None else {}
     for text in overrides or []:
         keys, value = parse_override(text)
         _set(tree, keys, value)

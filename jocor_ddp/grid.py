@@ -30,7 +30,7 @@ from typing import Any, Optional
 import yaml
 
 from .checkpoint import checkpoint_dir, list_checkpoints
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, read_yaml_mapping
 
 TOP_KEYS = ("base", "dir", "overrides", "axes", "paper", "description")
 METHOD_AXIS, SEED_AXIS = "method.name", "train.seed"
@@ -180,14 +180,10 @@ def _axis_values(path: Path, axis: str, spec: Any) -> list[tuple[str, Optional[s
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file: every run's config is built (and so checked) here."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file {path}: not found")
     try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SweepError(f"sweep file {path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(spec, dict):
-        raise SweepError(f"sweep file {path}: expected a mapping at the top level")
+        spec = read_yaml_mapping(path, "sweep file", empty_ok=False)
+    except ConfigError as exc:
+        raise SweepError(str(exc)) from None
     for key in spec:
         if key not in TOP_KEYS:
             raise SweepError(f"{_where(path, key)}: unknown key; allowed: {', '.join(TOP_KEYS)}")

@@ -110,3 +110,12 @@ def make_cifar(root: Path, *, classes: int = 10, n_train_per_batch: int = 40, n_
         (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"class{i}".encode() for i in range(100)],
                                                     b"coarse_label_names": [f"super{i}".encode() for i in range(20)]}))
     return folder
+
+
+def fake_bin(folder: Path, scripts: dict[str, str]) -> Path:
+    """A folder of executable stand-ins (srun, scontrol, python, ...) to put first on PATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in scripts.items():
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    return folder

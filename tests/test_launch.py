@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import FASHION_MNIST, REPO, child_env, make_mnist
+from helpers import FASHION_MNIST, REPO, child_env, fake_bin, make_mnist
 from jocor_ddp.config import load_config
 
 LAUNCHERS = ["launch/local.sh", "launch/multinode.sh", "launch/slurm.sbatch", "launch/sweep.sbatch"]
@@ -165,11 +165,7 @@ SLURM_ENV = dict(SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_NUM_NODES="2", SLURM
 
 @pytest.fixture
 def slurm(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    bin_dir = fake_bin(tmp_path / "bin", {"scontrol": FAKE_SCONTROL, "srun": FAKE_SRUN})
     log = tmp_path / "log"
     return lambda **extra: (launch_env(bin_dir, FAKE_LOG=str(log), **SLURM_ENV, **extra), log)
 

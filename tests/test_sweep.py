@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, child_env, make_mnist, run_python
+from helpers import REPO, child_env, fake_bin, make_mnist, run_python
 from jocor_ddp import report
 from jocor_ddp.checkpoint import list_checkpoints
 from jocor_ddp.grid import load_sweep
@@ -84,6 +84,22 @@ def test_a_bad_value_in_one_run_stops_the_sweep_before_anything_starts(tmp_path)
     assert not (tmp_path / "bad").exists()
     proc = run_sweep(write_sweep(tmp_path, "typo", {"method.nmae": ["jocor"]}), check_rc=2)
     assert "run 0 (jocor): method.nmae: unknown key" in proc.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: [1\n", "not valid YAML: line 2, column 1"),
+    ("", "expected a mapping at the top level"),
+    ("base: x.yaml\ndir: d\naxes: {}\n", "axes: expected a mapping of at least one axis"),
+    ("base: x.yaml\ndir: d\naxes: {a: [1]}\nextra: 1\n", "extra: unknown key"),
+    ("dir: d\naxes: {a: [1]}\n", "base: missing"),
+])
+def test_a_malformed_sweep_file_is_named(tmp_path, text, message):
+    from jocor_ddp.grid import SweepError
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(SweepError, match=message) as info:
+        load_sweep(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_list_and_index_cover_every_run_exactly_once(tmp_path):
@@ -271,11 +287,7 @@ echo "scontrol $*" >> "$FAKE_LOG"
 
 
 def test_sweep_sbatch_runs_its_array_index_and_requeues_near_the_time_limit(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("python", FAKE_PYTHON), ("scontrol", FAKE_SCONTROL)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    bin_dir = fake_bin(tmp_path / "bin", {"python": FAKE_PYTHON, "scontrol": FAKE_SCONTROL})
     log = tmp_path / "log"
     env = {**child_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log),
            "PYTHON": str(bin_dir / "python"), "SLURM_ARRAY_TASK_ID": "5", "SLURM_JOB_ID": "777",

@@ -39,7 +39,7 @@ def count_remember(remember: torch.Tensor, n: torch.Tensor | int) -> torch.Tenso
     candidates (an integer tensor, or the fixed batch size). float64 throughout, so k
     equals the host formula's exactly; 0 when there is no candidate."""
     if isinstance(n, int):  # the batch size: the same number at every step
-        return torch.floor(remember * float(n)).long().clamp(min=1 if n else 0)
+        return torch.floor(remember * float(n)).long().clamp(min=1)
     k = torch.floor(remember * n.double()).long().clamp(min=1)
     return torch.where(n > 0, k, 0)
 
