@@ -8,6 +8,8 @@
 #
 # torch, torchvision and numpy come with the base image (pick a tag whose CUDA your driver
 # supports: --build-arg BASE_IMAGE=...); the other dependencies are pinned below.
+# tests/test_docker.py builds this file on a local stand-in base and trains, stops and resumes
+# in containers (`docker stop` ends a run with a checkpoint and exit status 143).
 ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 

@@ -60,4 +60,25 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
   exit 0
 fi
 echo "multinode.sh: run folder $run_dir (train.resume=auto continues from its checkpoints)" >&2
-exec "${cmd[@]}"
+# torchrun runs as a child rather than exec'd, for the status of a stopped job. On SIGTERM
+# (docker stop, a Kubernetes eviction, Slurm's preemption) torchrun stops its workers, which
+# write a checkpoint, and then exits 1 with a traceback, as after a failure; this script
+# forwards the signal and exits 143 (128 + SIGTERM) instead, so that a stopped job does not
+# read as a failed one: Kubeflow's restartPolicy ExitCode retries 128-255 but gives up on 1-127.
+# SIGINT is not forwarded: Ctrl-C reaches torchrun and the workers from the terminal itself.
+"${cmd[@]}" &
+torchrun_pid=$!
+signal=0
+trap 'signal=15; kill -TERM "$torchrun_pid" 2> /dev/null || true' TERM
+trap 'signal=2' INT
+# A trapped signal ends `wait` early: wait again until torchrun has exited.
+while true; do
+  status=0
+  wait "$torchrun_pid" || status=$?
+  kill -0 "$torchrun_pid" 2> /dev/null || break
+done
+if ((signal && status != 0)); then
+  echo "multinode.sh: stopped by signal $signal; rerun the same command to continue from the checkpoint" >&2
+  status=$((128 + signal))
+fi
+exit "$status"

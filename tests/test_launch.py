@@ -1,7 +1,8 @@
 """The launchers, the Kubernetes job and the Docker image, checked without a cluster:
 shell syntax and lint, the torchrun command each launcher builds from the variables a
-scheduler sets (DRY_RUN=1), Slurm's signals and requeue against a stand-in srun, a real
-run of launch/local.sh that resumes, and the Dockerfile statically (no Docker engine here)."""
+scheduler sets (DRY_RUN=1), Slurm's signals and requeue against a stand-in srun, real
+runs of launch/local.sh that resume or are stopped by SIGTERM, and the Dockerfile statically
+(tests/test_docker.py builds and runs it)."""
 
 import json
 import os
@@ -138,6 +139,33 @@ def test_local_sh_trains_end_to_end_and_resumes(tmp_path):
     assert re.search(r"^epoch\s+2/2", second.stdout, re.M)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_local_sh_stopped_by_sigterm_checkpoints_and_exits_143(tmp_path):
+    """SIGTERM to the launcher, as `docker stop` sends it to the container's first process:
+    torchrun's workers write a checkpoint mid-epoch and the launcher exits 143 (stopped),
+    not torchrun's 1 (failed)."""
+    data = FASHION_MNIST if FASHION_MNIST.is_dir() else make_mnist(tmp_path / "data", n_train=4096, n_test=256)
+    env = launch_env(NPROC_PER_NODE="2", RUNS=str(tmp_path / "runs"), RUN_NAME="stopped")
+    args = ["launch/local.sh", "configs/fashion_mnist_sym50.yaml", f"data.root={data}", "data.train_subset=4096",
+            "data.test_subset=256", "train.batch_size=32", "train.epochs=1", "checkpoint.every_steps=2",
+            "log.progress=never"]
+    proc = subprocess.Popen(["bash", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    first = tmp_path / "runs" / "stopped" / "checkpoints" / "step-2.pt"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 143, out[-3000:] + err[-6000:]
+    assert "stopped by signal 15 at epoch 1" in out and "stopped by signal 15; rerun" in err, out + err
+    steps = [int(p.stem.split("-")[1]) for p in first.parent.glob("step-*.pt")]
+    assert 2 <= max(steps) < 4096 // 32, "no mid-epoch checkpoint"
 
 
 # --- launch/slurm.sbatch ----------------------------------------------------------------------
@@ -390,7 +418,7 @@ def test_readme_run_on_a_cluster_names_what_exists():
     section = text.split("## Run on a cluster\n", 1)[1].split("\n## ", 1)[0]
     assert "docker build -t jocor-ddp:" in section
     assert re.search(r"docker run --rm --gpus all --ipc=host .*\\\n\s+-v \S+:/data -v \S+:/runs", section)
-    assert "Not built by CI" in section
+    assert "Built and run in CI" in section and "tests/docker/build_test_base.sh" in section
     for path in set(re.findall(r"\b(?:configs|launch)/[\w.]+\.(?:yaml|sh|sbatch)\b", section)):
         assert (REPO / path).exists(), f"README names {path}, which does not exist"
     for script in [*LAUNCHERS, "launch/pytorchjob.yaml"]:
