@@ -36,7 +36,7 @@ rootfs=$work/rootfs
 cleanup() {
   # debootstrap mounts /proc (and more) inside the rootfs while it runs: unmount whatever a
   # failure left there before deleting, and never cross into another file system.
-  findmnt -rn -o TARGET | grep -F "$rootfs/" | sort -r | while read -r mnt; do umount -l "$mnt" || true; done
+  findmnt -rn -o TARGET | { grep -F "$rootfs/" || true; } | sort -r | while read -r mnt; do umount -l "$mnt" || true; done
   rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT
