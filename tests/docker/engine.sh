@@ -14,8 +14,9 @@ docker_engine_start() {
       return 1
     fi
     echo "engine.sh: installing docker.io and debootstrap (Debian packages)"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap > /dev/null) \
-      || { echo "engine.sh: apt-get could not install docker.io" >&2; return 1; }
+    local apt_log=${TMPDIR:-/tmp}/jocor-apt-docker.log
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap) > "$apt_log" 2>&1 \
+      || { tail -5 "$apt_log" >&2; echo "engine.sh: apt-get could not install docker.io" >&2; return 1; }
   fi
   if docker info > /dev/null 2>&1; then
     echo "engine.sh: using the Docker engine that is already running"
