@@ -17,7 +17,7 @@ def _docker_engine_missing() -> str | None:
                               text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"docker info: {exc}"
-    return None if proc.returncode == 0 else f"docker info: {proc.stderr.strip().splitlines()[-1:]}"
+    return None if proc.returncode == 0 else f"docker info: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -29,6 +29,7 @@ for tool in debootstrap docker; do
   command -v "$tool" > /dev/null || { echo "build_test_base: $tool not found (apt-get install debootstrap docker.io)" >&2; exit 2; }
 done
 [[ -f $ca ]] || { echo "build_test_base: $ca not found" >&2; exit 2; }
+docker info > /dev/null 2>&1 || { echo "build_test_base: no Docker engine answers (start dockerd)" >&2; exit 2; }
 
 start=$SECONDS
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/jocor-test-base.XXXXXX")
