@@ -4,6 +4,7 @@ under a timeout (a hang fails the test instead of freezing CI)."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import socket
 import struct
@@ -15,6 +16,14 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# metrics.jsonl fields that measure time: they differ between otherwise identical runs.
+TIME_FIELDS = {"epoch_s", "samples_per_s", "eval_s"}
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl rows, time fields aside: what equal runs must share."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIME_FIELDS} for row in rows]
 
 
 def free_port() -> int:

@@ -9,7 +9,6 @@ The containers train on Fashion-MNIST on the CPU, two torchrun workers, one shor
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import FASHION_MNIST, REPO, make_mnist
+from helpers import FASHION_MNIST, REPO, make_mnist, metric_rows
 from jocor_ddp.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.docker
@@ -32,7 +31,6 @@ SUBSET, BATCH, EVERY = 16000, 128, 10
 STEPS = SUBSET // BATCH
 OVERRIDES = ["data.root=/data", "train.epochs=1", f"data.train_subset={SUBSET}", "data.test_subset=2000",
              f"checkpoint.every_steps={EVERY}", "checkpoint.keep=50", "log.progress=never"]
-TIME_FIELDS = {"epoch_s", "samples_per_s", "eval_s"}
 README_FILES = {"config.yaml", "noise.json", "metrics.jsonl", "checkpoints"}
 # The user the containers run as. As root (CI), an unprivileged uid without an entry in the
 # image's /etc/passwd stands in for the host user, as Kubernetes and OpenShift run them.
@@ -81,11 +79,6 @@ def _run_args(name: str, run_name: str, data: Path, runs: Path, *, detach: bool 
             "-v", f"{data}:/data:ro", "-v", f"{runs}:/runs", IMAGE, "launch/local.sh", CONFIG, *OVERRIDES]
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIME_FIELDS} for r in rows]
-
-
 def _final_state(run_dir: Path) -> dict:
     state = torch.load(list_checkpoints(run_dir / "checkpoints")[0], weights_only=True)
     assert (state["epoch"], state["global_step"]) == (1, STEPS), "the run did not end its epoch"
@@ -110,7 +103,7 @@ def test_train_stop_and_resume_in_containers(image, data, tmp_path, containers):
     assert README_FILES <= {p.name for p in reference.iterdir()}, sorted(p.name for p in reference.iterdir())
     not_users = [str(p) for p in [reference, *reference.rglob("*")] if (p.stat().st_uid, p.stat().st_gid) != (UID, GID)]
     assert not not_users, f"not owned by {UID}:{GID}: {not_users}"
-    assert [r["epoch"] for r in _rows(reference)] == [1]
+    assert [r["epoch"] for r in metric_rows(reference)] == [1]
 
     # 2. The same command, stopped by `docker stop` once the epoch is under way.
     second = containers("stopped")
@@ -140,7 +133,7 @@ def test_train_stop_and_resume_in_containers(image, data, tmp_path, containers):
     logs = _logs(third)
     assert proc.returncode == 0, logs[-8000:]
     assert f"resumed from /runs/stopped/checkpoints/step-{state['global_step']}.pt" in logs, logs[-8000:]
-    assert _rows(stopped) == _rows(reference)
+    assert metric_rows(stopped) == metric_rows(reference)
     a, b = _final_state(stopped), _final_state(reference)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -4,7 +4,6 @@ rendezvous on 127.0.0.1 and train exactly what one node with two workers trains.
 The c10d rendezvous numbers the nodes in the order they join, so either agent may host
 rank 0; the data a rank sees depends only on its rank, so the result must not change."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,9 +11,8 @@ import sys
 
 import pytest
 
-from helpers import REPO, child_env, free_port, make_mnist, run_torchrun
+from helpers import REPO, child_env, free_port, make_mnist, metric_rows, run_torchrun
 
-TIME_FIELDS = {"epoch_s", "samples_per_s", "eval_s"}
 TIMEOUT_S = 150
 
 
@@ -30,11 +28,6 @@ def _overrides(data) -> list[str]:
 
 def _train_args(data, run_dir) -> list[str]:
     return ["-m", "jocor_ddp.train", "--config", CONFIG, *_overrides(data), f"run.dir={run_dir}"]
-
-
-def _rows(run_dir) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in TIME_FIELDS} for row in rows]
 
 
 def _run_nodes(commands: list[list[str]], envs: list[dict]) -> list[str]:
@@ -62,7 +55,7 @@ def data(tmp_path_factory):
 def one_node(tmp_path_factory, data):
     run_dir = tmp_path_factory.mktemp("one-node")
     run_torchrun(2, _train_args(data, run_dir), timeout=TIMEOUT_S)
-    rows = _rows(run_dir)
+    rows = metric_rows(run_dir)
     assert len(rows) == 1
     # Half of every global batch of 32 is left out: the selection is active.
     assert rows[0]["kept"] == 256 and rows[0]["steps"] == 16
@@ -71,7 +64,7 @@ def one_node(tmp_path_factory, data):
 
 def _check(outputs, run_dir, one_node):
     assert sum("2 rank(s)" in out for out in outputs) == 1, "rank 0 reports a world of 2, once"
-    assert _rows(run_dir) == one_node
+    assert metric_rows(run_dir) == one_node
 
 
 def test_two_torchrun_nodes_equal_one_node_with_two_workers(tmp_path, data, one_node):

@@ -3,16 +3,13 @@
 Every interrupted run must end where the uninterrupted run A ends: the same parameters,
 bit for bit, and the same metrics.jsonl rows (time fields aside)."""
 
-import json
-import shutil
 
 import pytest
 import torch
 
-from helpers import child_env, make_mnist, run_torchrun
+from helpers import child_env, make_mnist, metric_rows, run_torchrun
 from jocor_ddp.checkpoint import list_checkpoints
 
-TIME_FIELDS = {"epoch_s", "samples_per_s", "eval_s"}
 EPOCHS, STEPS = 3, 8
 
 
@@ -23,11 +20,6 @@ def _args(data, run_dir, *extra):
             *extra]
 
 
-def _rows(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIME_FIELDS} for r in rows]
-
-
 def _final_model(run_dir):
     newest = list_checkpoints(run_dir / "checkpoints")[0]
     state = torch.load(newest, weights_only=True)
@@ -36,7 +28,7 @@ def _final_model(run_dir):
 
 
 def assert_same_run(run_dir, reference_dir):
-    assert _rows(run_dir) == _rows(reference_dir)
+    assert metric_rows(run_dir) == metric_rows(reference_dir)
     a, b = _final_model(run_dir), _final_model(reference_dir)
     assert a.keys() == b.keys()
     for k in a:
@@ -52,7 +44,7 @@ def data(tmp_path_factory):
 def run_a(data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run_a")
     run_torchrun(2, _args(data, run_dir))
-    assert len(_rows(run_dir)) == EPOCHS
+    assert len(metric_rows(run_dir)) == EPOCHS
     return run_dir
 
 
@@ -62,7 +54,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(data, run_a, tmp_pa
     crashed = run_torchrun(2, _args(data, run_dir), env=child_env(JOCOR_FAULT="crash:1:13"), check=False)
     assert crashed.returncode != 0
     assert list_checkpoints(run_dir / "checkpoints")[0].name == "step-12.pt"
-    assert len(_rows(run_dir)) == 1
+    assert len(metric_rows(run_dir)) == 1
     resumed = run_torchrun(2, _args(data, run_dir))
     assert "resumed from" in resumed.stdout and "step-12.pt" in resumed.stdout
     assert_same_run(run_dir, run_a)
@@ -106,7 +98,7 @@ def test_resume_with_another_world_size_continues_the_same_epoch(data, run_a, tm
     run_dir = tmp_path / "run"
     run_torchrun(2, _args(data, run_dir), env=child_env(JOCOR_FAULT="sigterm:0:13"))
     run_torchrun(1, _args(data, run_dir))
-    rows, ref = _rows(run_dir), _rows(run_a)
+    rows, ref = metric_rows(run_dir), metric_rows(run_a)
     assert [r["kept"] for r in rows] == [r["kept"] for r in ref]
     a, b = _final_model(run_dir), _final_model(run_a)
     for k in a:
@@ -183,7 +175,7 @@ def shard_args(data, tmp_path_factory):
 def stream_run_a(data, shard_args, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stream_run_a")
     run_torchrun(2, _args(data, run_dir, *shard_args))
-    assert len(_rows(run_dir)) == EPOCHS
+    assert len(metric_rows(run_dir)) == EPOCHS
     return run_dir
 
 
@@ -221,5 +213,5 @@ def test_stream_skipping_bad_samples_resumes_with_the_same_counts(data, tmp_path
     run_torchrun(2, _args(data, tmp_path / "a", *args))
     run_torchrun(2, _args(data, tmp_path / "b", *args), env=child_env(JOCOR_FAULT="sigterm:0:13"))
     run_torchrun(2, _args(data, tmp_path / "b", *args))
-    assert sum(r["bad_samples"] for r in _rows(tmp_path / "a")) >= 3
+    assert sum(r["bad_samples"] for r in metric_rows(tmp_path / "a")) >= 3
     assert_same_run(tmp_path / "b", tmp_path / "a")

@@ -23,13 +23,12 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, child_env, fake_bin, make_mnist, run_python
+from helpers import REPO, child_env, fake_bin, make_mnist, metric_rows, run_python
 from jocor_ddp import report
 from jocor_ddp.checkpoint import list_checkpoints
 from jocor_ddp.grid import load_sweep
 
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
-TIME_FIELDS = {"epoch_s", "samples_per_s", "eval_s"}
 
 
 def write_sweep(tmp_path: Path, name: str, axes: dict, *, epochs: int = 3, data=None, **extra) -> Path:
@@ -150,8 +149,7 @@ def finals(sweep_dir: Path) -> dict:
     """Each run's metrics rows (time fields aside) and final parameters."""
     out = {}
     for run in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
-        rows = [{k: v for k, v in json.loads(l).items() if k not in TIME_FIELDS}
-                for l in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = metric_rows(run)
         state = torch.load(list_checkpoints(run / "checkpoints")[0], weights_only=True)
         out[run.name] = (rows, state["model"], state["global_step"])
     return out

@@ -63,7 +63,7 @@ echo "build_test_base: installing $packages into /opt/venv with $py's pip"
 PIP_ROOT_USER_ACTION=ignore "$py" -m pip install -q --root "$rootfs" --prefix /opt/venv --ignore-installed \
   --no-warn-script-location $packages 2> >(grep -v "is ignored: it is neither" >&2)
 # Scripts got the host interpreter in their #! line: point them at the image's.
-grep -lsI '^#!.*python' "$rootfs"/opt/venv/bin/* | while read -r script; do
+{ grep -lsI '^#!.*python' "$rootfs"/opt/venv/bin/* || true; } | while read -r script; do
   [[ -L $script ]] || sed -i '1s|^#!.*python.*$|#!/opt/venv/bin/python|' "$script"
 done
 chroot "$rootfs" /opt/venv/bin/python -c 'import numpy, torch, torchvision; print("build_test_base: torch", torch.__version__, "torchvision", torchvision.__version__, "numpy", numpy.__version__)'
