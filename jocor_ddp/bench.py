@@ -2,10 +2,12 @@
 
 ``step``: the configured model pair's training step (forward, joint loss, selection,
 backward, optimizer) on synthetic batches already on the device: the ceiling.
-``train``: whole epochs with the real loader, selection and logging; evaluation separately.
-``data --shards SHARD_DIR``: samples/s of the input pipeline alone (no model): the
-streaming loader with CPU decoding for each worker count, the one-time decode of the
-device cache, and on a CUDA machine with JPEG shards, GPU decoding.
+``train``: whole epochs with the real loader, selection and logging (``--skip-steps N``: the
+rate leaves out each epoch's first N steps); evaluation separately.
+``data --shards SHARD_DIR``: the input pipeline alone (no model), in steady state: what the
+training step does per batch with the stream (next item, ``load``, ``gather``) for each
+worker count, with CPU decoding and, on a CUDA machine with JPEG shards, GPU decoding; the
+main process's CPU time per batch; and the one-time decode of the device cache.
 ``comm``: bytes per step of the loss all-gather and the gradient all-reduce, on paper.
 Every figure comes with the device, torch version, precision and batch it was measured at.
 """
@@ -22,79 +24,155 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
 from .config import ConfigError, config_from_dict, load_config
+from .data import build_data
 from .data.memory import MemoryTrainLoader
 from .data.shards import load_manifest
-from .data.sources import DataError
-from .data.cache import decode_split
 from .data.shardset import open_shards
-from .data.stream import stream_loaders
+from .data.sources import DataError
 from .data.types import DataBundle
 from .dist import DistContext, close_distributed, init_distributed
 from .models import build_pair
 from .trainer import Trainer
 
 
-def _time_stream(cfg, ctx, data, *, raw_jpeg: bool, steps: int, warmup: int) -> dict:
-    train = stream_loaders(cfg, ctx, data, raw_jpeg=raw_jpeg).train
-    # Epoch after epoch, so that a small split still gives `steps` timed batches.
-    batches = itertools.chain.from_iterable(train.epoch(e) for e in itertools.count())
-    for _ in range(warmup):  # worker start-up and the first shard reads
-        next(batches)
+# --- data: the input pipeline alone ------------------------------------------------------
+
+def _device(choice: str) -> torch.device:
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _data_config(shards: str, dataset: str, *, cache: str, workers: int, batch_size: int, dev: torch.device,
+                 gpu_decode: bool = False, verify: str = "sha256"):
+    return config_from_dict({
+        "data": {"name": dataset, "source": "shards", "shards": shards, "cache": cache, "num_workers": workers,
+                 "gpu_decode": gpu_decode, "verify": verify},
+        # The loader only: no noise drawn, and a forget rate so that noisy-label shards open too.
+        "noise": {"type": "none", "rate": 0.0}, "method": {"forget_rate": 0.0},
+        "train": {"batch_size": batch_size, "device": dev.type}, "log": {"progress": "never"}})
+
+
+def _epochs(train) -> Iterator:
+    """The stream's items epoch after epoch, so that a small split still gives every batch asked for."""
+    for epoch in itertools.count():
+        yield from train.items(epoch)
+
+
+def _time_items(train, dev: torch.device, *, steps: int, warmup: int, gather: bool) -> dict:
+    """What the training step does per batch (next item, ``load``, ``gather``), ``warmup``
+    batches untimed (worker start-up, the first reads), then ``steps`` timed. CPU time is the
+    main thread's only: waiting on a worker's queue costs none, so it is the time the main
+    process cannot spend launching the step. Without ``gather``: the feed alone."""
+    bufs = train.buffers()
+    items = _epochs(train)
+
+    def one() -> tuple[int, float, float]:
+        start = time.thread_time()
+        train.load(next(items), bufs)
+        fed = time.thread_time()
+        if train.error:
+            raise DataError(train.error)
+        if gather:
+            train.gather(bufs)
+        return bufs.idx.shape[0], fed - start, time.thread_time() - fed
+
+    try:
+        for _ in range(warmup):
+            one()
+        _sync(dev)
+        wall = time.perf_counter()
+        timed = [one() for _ in range(steps)]
+        _sync(dev)
+        wall = time.perf_counter() - wall
+    finally:
+        items.close()  # ends the epoch's feed (and the GPU decoder's thread) before the pool closes
+    samples, feed_s, gather_s = (sum(column) for column in zip(*timed))
+    ms = 1000 / steps
+    return {"samples_per_s": round(samples / wall, 1), "main_ms_per_batch": round((feed_s + gather_s) * ms, 3),
+            # next + load: the host's share on any device; gather: the device ops, which on a
+            # CPU device compute the float batch here, on CUDA only launch kernels.
+            "feed_ms_per_batch": round(feed_s * ms, 3), "gather_ms_per_batch": round(gather_s * ms, 3),
+            "wall_ms_per_batch": round(wall * ms, 3), "samples": samples, "seconds": round(wall, 3)}
+
+
+def _time_stream(shards: str, dataset: str, ctx: DistContext, *, workers: int, gpu_decode: bool, batch_size: int,
+                 steps: int, warmup: int, gather: bool) -> dict:
+    # The header's open_shards verified every sha256 once; each row only checks sizes again.
+    cfg = _data_config(shards, dataset, cache="stream", workers=workers, batch_size=batch_size, dev=ctx.device,
+                       gpu_decode=gpu_decode, verify="size")
+    train = build_data(cfg, ctx).train
+    try:
+        timed = _time_items(train, ctx.device, steps=steps, warmup=warmup, gather=gather)
+    finally:
+        train.pool.close()
+    rate = timed.pop("samples_per_s")
+    return {"decode": "gpu" if gpu_decode else "cpu", "workers": workers, "samples_per_s": rate,
+            "samples_per_s_per_worker": round(rate / max(workers, 1), 1), **timed}
+
+
+def _time_device_cache(shards: str, dataset: str, ctx: DistContext, data, *, workers: int,
+                       batch_size: int) -> dict:
+    """The one-time decode of the device cache, timed as a whole (verification and both
+    splits), as a run with ``data.cache=device`` starts."""
+    cfg = _data_config(shards, dataset, cache="device", workers=workers, batch_size=batch_size, dev=ctx.device)
     start = time.perf_counter()
-    samples = 0
-    for _ in range(steps):
-        samples += next(batches).x.shape[0]
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize(ctx.device)
+    build_data(cfg, ctx)
     seconds = time.perf_counter() - start
-    return {"decode": "gpu" if raw_jpeg else "cpu", "workers": cfg.data.num_workers,
-            "samples_per_s": round(samples / seconds, 1), "samples": samples, "seconds": round(seconds, 3)}
+    n = int(data.train_keep.sum()) + int(data.test_keep.sum())
+    return {"decode": "cpu, once into the device cache", "workers": workers, "samples_per_s": round(n / seconds, 1),
+            "samples_per_s_per_worker": round(n / seconds / max(workers, 1), 1), "samples": n,
+            "seconds": round(seconds, 3)}
 
 
 def bench_data(shards: str, *, workers: list[int], batch_size: int, steps: int, warmup: int,
-               device: str = "auto") -> dict:
+               device: str = "auto", gpu_workers: Optional[list[int]] = None, gather: bool = True) -> dict:
     manifest = load_manifest(shards)
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    dev = _device(device)
     ctx = DistContext(device=dev)
-    cfg = config_from_dict({
-        "data": {"name": manifest.dataset, "source": "shards", "shards": shards, "cache": "stream"},
-        # The loader only: no noise drawn, and a forget rate so that noisy-label shards open too.
-        "noise": {"type": "none", "rate": 0.0}, "method": {"forget_rate": 0.0},
-        "train": {"batch_size": batch_size, "device": dev.type}})
     start = time.perf_counter()
-    data = open_shards(cfg, ctx)  # sha256 of every train and test shard, as each rank does
+    # sha256 of every train and test shard, as each rank does before training
+    data = open_shards(_data_config(shards, manifest.dataset, cache="stream", workers=0, batch_size=batch_size,
+                                    dev=dev), ctx)
     verify_s = time.perf_counter() - start
-    results = []
-    for w in workers:
-        run_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=w))
-        results.append(_time_stream(run_cfg, ctx, data, raw_jpeg=False, steps=steps, warmup=warmup))
+    common = dict(batch_size=batch_size, steps=steps, warmup=warmup, gather=gather)
+    results = [_time_stream(shards, manifest.dataset, ctx, workers=w, gpu_decode=False, **common) for w in workers]
     if dev.type == "cuda" and manifest.image.get("format") in ("jpg", "mixed"):
-        run_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=max(workers)))
-        results.append(_time_stream(run_cfg, ctx, data, raw_jpeg=True, steps=steps, warmup=warmup))
-    # The device cache decodes the train split once; how long that takes at the most workers.
-    cache_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=max(workers)))
-    start = time.perf_counter()
-    decode_split(cache_cfg, ctx, data, data.train, data.train_keep)
-    cache_s = time.perf_counter() - start
-    n = int(data.train_keep.sum())
-    results.append({"decode": "cpu, once into the device cache", "workers": max(workers),
-                    "samples_per_s": round(n / cache_s, 1), "samples": n, "seconds": round(cache_s, 3)})
-    return {"bench": "data", "shards": shards, "dataset": manifest.dataset, "train_samples": n,
-            "batch_size": batch_size, "device": str(dev), "cpu_count": os.cpu_count(),
+        results += [_time_stream(shards, manifest.dataset, ctx, workers=w, gpu_decode=True, **common)
+                    for w in gpu_workers or [max(workers)]]
+    results.append(_time_device_cache(shards, manifest.dataset, ctx, data, workers=max(workers),
+                                      batch_size=batch_size))
+    return {"bench": "data", "shards": shards, "dataset": manifest.dataset,
+            # Which stored images the figures were measured on (original bytes, or resized by prepare).
+            "resize": manifest.image.get("resize"), "train_samples": int(data.train_keep.sum()),
+            "batch_size": batch_size, "gather": gather, "device": str(dev), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "verify_sha256_s": round(verify_s, 3), "results": results}
 
 
+def _counts(text: str, flag: str) -> list[int]:
+    try:
+        counts = [int(w) for w in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 0:
+        raise ConfigError(f"{flag}: expected comma-separated counts >= 0, got {text!r}")
+    return counts
+
+
 def _data_command(args: argparse.Namespace) -> dict:
-    workers = [int(w) for w in args.workers.split(",")]
-    if not workers or min(workers) < 0:
-        raise ConfigError(f"--workers: expected comma-separated counts >= 0, got {args.workers!r}")
-    return bench_data(args.shards, workers=workers, batch_size=args.batch_size, steps=args.steps,
-                      warmup=args.warmup, device=args.device)
+    gpu_workers = _counts(args.gpu_workers, "--gpu-workers") if args.gpu_workers else None
+    return bench_data(args.shards, workers=_counts(args.workers, "--workers"), batch_size=args.batch_size,
+                      steps=args.steps, warmup=args.warmup, device=args.device, gpu_workers=gpu_workers,
+                      gather=not args.feed_only)
 
 
 # --- step and train: the model pair's speed ---------------------------------------------
@@ -121,11 +199,6 @@ def _synthetic_bundle(cfg, ctx, steps: int) -> DataBundle:
                                world_size=ctx.world_size, seed=cfg.train.seed, device=ctx.device)
     return DataBundle(name=cfg.data.name, classes=[str(i) for i in range(classes)], in_channels=channels,
                       image_size=side, train=loader, test=[], test_samples=0)
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def _header(cfg, trainer, ctx) -> dict:
@@ -166,23 +239,74 @@ def bench_step(cfg, *, steps: int, repeats: int, warmup: int) -> dict:
             "samples_per_s_all": [round(r, 1) for r in rates]}
 
 
-def bench_train(cfg, *, epochs: int) -> dict:
+class _StepClock:
+    """Stands in for ``trainer.step.run``: notes the time once the first ``skip`` steps of an
+    epoch are done, so that an epoch's rate can leave out its start (the stream's first reads
+    and refill). The trainer's own loop runs unchanged around it."""
+
+    def __init__(self, run, skip: int, device: torch.device):
+        self.run, self.skip, self.device = run, skip, device
+        self.count, self.start = 0, None
+
+    def begin(self) -> None:
+        self.count, self.start = 0, None
+        if self.skip == 0:
+            self._mark()
+
+    def _mark(self) -> None:
+        _sync(self.device)  # the skipped steps' queued work is theirs, not the timed steps'
+        self.start = time.perf_counter()
+
+    def __call__(self, item=None) -> None:
+        self.run(item)
+        self.count += 1
+        if self.count == self.skip:
+            self._mark()
+
+
+def _close_workers(bundle: DataBundle) -> None:
+    """The stream's decoding workers ignore SIGTERM (the trainer checkpoints first), so the
+    interpreter's exit, which terminates and then joins them, would wait for ever: close them."""
+    pool = getattr(bundle.train, "pool", None)
+    if pool is not None:
+        pool.close()
+
+
+def bench_train(cfg, *, epochs: int, skip_steps: int = 0) -> dict:
     """Whole epochs with the configured loader (shards or memory), selection and logging;
-    evaluation timed separately. The first epoch is a warm-up (compilation, worker start)."""
+    evaluation timed separately. The first epoch is a warm-up (compilation, worker start);
+    ``skip_steps``: the rate counts only the steps after that many of each timed epoch."""
     ctx = init_distributed(cfg)
     trainer = Trainer(cfg, ctx)
-    train_rates, eval_s = [], []
+    try:
+        return _time_epochs(cfg, ctx, trainer, epochs, skip_steps)
+    finally:
+        _close_workers(trainer.data)
+
+
+def _time_epochs(cfg, ctx, trainer: Trainer, epochs: int, skip_steps: int) -> dict:
+    n = trainer.data.train.steps_per_epoch
+    if not 0 <= skip_steps < n:
+        raise ConfigError(f"--skip-steps: expected 0 <= N < {n} (the steps of an epoch), got {skip_steps}")
+    clock = _StepClock(trainer.step.run, skip_steps, ctx.device)
+    trainer.step.run = clock  # an instance attribute: train_epoch calls it in the method's place
+    rates, whole, eval_s = [], [], []
     for epoch in range(epochs + 1):
+        clock.begin()
         row = trainer.train_epoch(epoch)
+        seconds = time.perf_counter() - clock.start  # train_epoch has synchronised the device
         start = time.perf_counter()
         trainer.evaluate()
         if epoch > 0 or epochs == 0:
-            train_rates.append(row["samples_per_s"])
+            rates.append((n - skip_steps) * cfg.train.batch_size / seconds)
+            whole.append(row["samples_per_s"])
             eval_s.append(time.perf_counter() - start)
     return {"bench": "train", **_header(cfg, trainer, ctx), "source": cfg.data.source,
-            "steps_per_epoch": trainer.data.train.steps_per_epoch, "epochs_timed": len(train_rates),
-            "samples_per_s": round(statistics.median(train_rates), 1),
-            "samples_per_s_all": [round(r, 1) for r in train_rates],
+            "steps_per_epoch": n, "skip_steps": skip_steps, "epochs_timed": len(rates),
+            "samples_per_s": round(statistics.median(rates), 1),
+            "samples_per_s_all": [round(r, 1) for r in rates],
+            # The trainer's own figure, every step of the epoch counted: start-up included.
+            "samples_per_s_whole_epoch": round(statistics.median(whole), 1),
             "eval_s": round(statistics.median(eval_s), 3)}
 
 
@@ -218,7 +342,7 @@ def _step_command(args):
 
 
 def _train_command(args):
-    return bench_train(_model_config(args), epochs=args.epochs)
+    return bench_train(_model_config(args), epochs=args.epochs, skip_steps=args.skip_steps)
 
 
 def _comm_command(args):
@@ -233,13 +357,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jocor_ddp.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("data", help="samples/s of the shard input pipeline alone")
+    d = sub.add_parser("data", help="steady-state samples/s of the shard input pipeline alone")
     d.add_argument("--shards", required=True, help="shard folder written by python -m jocor_ddp.prepare")
-    d.add_argument("--workers", default="0,1,2", help="DataLoader worker counts to time (default 0,1,2)")
-    d.add_argument("--batch-size", type=int, default=256)
-    d.add_argument("--steps", type=int, default=50, help="timed batches per setting")
-    d.add_argument("--warmup", type=int, default=5, help="untimed batches first")
+    d.add_argument("--workers", default="1,2", help="decoding worker counts to time (default 1,2)")
+    d.add_argument("--gpu-workers", default=None,
+                   help="worker counts for GPU decoding (CUDA, JPEG shards; default: the largest --workers)")
+    d.add_argument("--batch-size", type=int, default=128)
+    d.add_argument("--steps", type=int, default=40, help="timed batches per setting")
+    d.add_argument("--warmup", type=int, default=10, help="untimed batches first (worker start-up, first reads)")
     d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    # On a CPU device gather is the step's own compute (crop, float, normalise: about 0.2 s a
+    # batch of 128 at 224 on one thread), which hides what the workers can decode.
+    d.add_argument("--feed-only", action="store_true",
+                   help="time next item + load only, without gather (the step's first device ops)")
     d.set_defaults(func=_data_command)
     st = sub.add_parser("step", help="the training step alone, synthetic data on the device")
     _add_model_args(st)
@@ -250,6 +380,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     tr = sub.add_parser("train", help="whole epochs with the real loader; evaluation timed apart")
     _add_model_args(tr)
     tr.add_argument("--epochs", type=int, default=3, help="timed epochs, after one warm-up epoch")
+    tr.add_argument("--skip-steps", type=int, default=0,
+                    help="untimed steps at the start of each timed epoch (the stream's refill)")
     tr.set_defaults(func=_train_command)
     cm = sub.add_parser("comm", help="bytes per step moved by the loss all-gather and the all-reduce")
     _add_model_args(cm)

@@ -80,19 +80,18 @@ class DataConfig:
     # (Clothing1M and ImageFolder always take random crops: resize_size, then crop_size.)
     augment: bool = False
     # Shards only. device: decode every shard once into a uint8 tensor on the training
-    # device; stream: decode in DataLoader workers every epoch; auto: device when the
-    # decoded splits fit in cache_budget_gb (per rank), else stream.
+    # device; stream: decode in the workers every epoch; auto: device when the decoded
+    # splits fit in cache_budget_gb (per rank), else stream.
     cache: str = "auto"
     cache_budget_gb: float = 8.0
-    # DataLoader worker processes per rank that read and decode shards.
+    # Decoding worker processes per rank (persistent; 0: decode in the training process).
     num_workers: int = 2
     # error: a bad sample (undecodable image, label outside [0, C)) stops the run;
     # skip: it is left out, counted, and the count goes to metrics.jsonl.
     on_bad_sample: str = "error"
-    # Decode JPEG shards on the GPU (torchvision.io.decode_jpeg) instead of in the workers.
+    # Stream JPEG shards decoded on the GPU (one batched torchvision.io.decode_jpeg per batch,
+    # off the training stream); the workers then only read and check the bytes.
     gpu_decode: bool = False
-    # Samples each streaming worker holds to shuffle within its shards; 0 = shard order only.
-    shuffle_buffer: int = 1000
     # The split scored after every epoch (Clothing1M also has 'val').
     eval_split: str = "test"
     # sha256: hash every shard on every rank before training; size: check sizes only.
@@ -117,8 +116,6 @@ class DataConfig:
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
         _choice("data.on_bad_sample", self.on_bad_sample, BAD_SAMPLE)
-        if self.shuffle_buffer < 0:
-            raise ConfigError(f"data.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
         if not self.eval_split or "/" in self.eval_split:
             raise ConfigError(f"data.eval_split: {self.eval_split!r} is not a split name (test, val, ...)")
         if self.source == "memory" and self.eval_split != "test":

@@ -5,7 +5,9 @@ The step is written so that a CUDA graph can hold all of it (``train.cuda_graph`
 
 - its inputs live in static device buffers. Data resident on the device (the memory
   source, the shard cache) is gathered inside the step from the epoch's order and a
-  device step counter; a streamed batch is copied into fixed buffers before each step;
+  device step counter; a streamed batch's uint8 pixels, indices and crops are copied into
+  fixed buffers before each step; either way the pixels are cropped, flipped and made
+  floats inside the step (``data/place.py``);
 - what changes between epochs (the share to remember, the epoch, the learning rate) is a
   device tensor updated in place, never a Python number, which a capture would freeze;
 - the epoch's accumulators (kept counts, loss sum, the audit's kept flags, the first
@@ -178,34 +180,33 @@ class IndexFeed:
         self.position.add_(1)
         return batch
 
+    error = None  # resident data was decoded before training: nothing can go wrong per step
+
 
 class CopyFeed:
-    """Streamed data: each decoded batch is copied into fixed device buffers the step reads."""
+    """Streamed data: each batch's uint8 pixels, indices and crop parameters are copied into
+    fixed device buffers; the step gathers the labels and places the pixels from them."""
 
     def __init__(self, loader):
         self.loader = loader
-        self.static: Optional[Batch] = None
+        self.buffers = loader.buffers()
 
     def begin_epoch(self, epoch: int, start_step: int) -> None:
         pass
 
-    def steps(self, epoch: int, start_step: int) -> Iterable[Batch]:
-        return self.loader.epoch(epoch, start_step)
+    def steps(self, epoch: int, start_step: int) -> Iterable:
+        return self.loader.items(epoch, start_step)
 
-    def load(self, batch: Batch) -> None:
-        if self.static is None:
-            self.static = Batch(x=batch.x.clone(), y=batch.y.clone(), clean=batch.clean.clone(),
-                                idx=batch.idx.clone())
-            return
-        for name in ("x", "y", "clean", "idx"):
-            new, buf = getattr(batch, name), getattr(self.static, name)
-            if new.shape != buf.shape or new.dtype != buf.dtype:
-                raise RuntimeError(f"the training stream yielded {name} of shape {tuple(new.shape)} "
-                                   f"({new.dtype}); every step takes {tuple(buf.shape)} ({buf.dtype})")
-            buf.copy_(new, non_blocking=True)
+    def load(self, item) -> None:
+        self.loader.load(item, self.buffers)
 
     def batch(self) -> Batch:
-        return self.static
+        return self.loader.gather(self.buffers)
+
+    @property
+    def error(self) -> Optional[str]:
+        """A bad input this rank met since the epoch began, raised at the next sync point."""
+        return self.loader.error
 
 
 def capture_blocker(cfg: Config, ctx: DistContext, tensor_lr: bool) -> Optional[str]:
@@ -243,7 +244,7 @@ class TrainStep:
         self.selector = Selector(cfg.selection, ctx)
         self.schedule = Schedule.on(dev)
         self.counters = EpochCounters(num_train, dev)
-        self.feed = IndexFeed(loader, dev) if hasattr(loader, "gather") else CopyFeed(loader)
+        self.feed = IndexFeed(loader, dev) if hasattr(loader, "epoch_plan") else CopyFeed(loader)
         # The global step on the device, for the non-finite record; the host keeps its own.
         self.step_index = torch.zeros((), dtype=torch.int64, device=dev)
         self.global_step = 0
@@ -417,7 +418,7 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)  # backward then allocates .grad from the graph's pool
         scaler_state = self.scaler.state_dict() if self.scaler.is_enabled() else None
         try:
-            # thread_local: a DataLoader's pin-memory thread may call CUDA while this captures.
+            # thread_local: the GPU decoder's feeder thread may call CUDA while this captures.
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 outputs = self._body()
         except Exception as exc:  # a speed feature never ends a run: say why, train eagerly

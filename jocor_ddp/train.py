@@ -37,6 +37,13 @@ def is_collective_failure(exc: BaseException) -> bool:
                                    "NCCL", "Gloo", "gloo"))
 
 
+def error_line(text: str) -> None:
+    """One write for the whole line: the ranks share torchrun's stderr and often fail at the
+    same moment (print's separate newline would let their lines interleave)."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -56,14 +63,13 @@ def main(argv=None) -> int:
             print(f"jocor_ddp: {exc}; rerun the same command to continue", flush=True)
         return 0
     except EXPECTED as exc:
-        print(f"error (rank {ctx.rank}): {exc}", file=sys.stderr, flush=True)
+        error_line(f"error (rank {ctx.rank}): {exc}")
         return 2
     except RuntimeError as exc:
         if not is_collective_failure(exc):
             raise
-        print(f"error (rank {ctx.rank}): a collective did not complete (a peer died, hangs or is "
-              f"unreachable; dist.timeout_s={cfg.dist.timeout_s:g}): {str(exc).splitlines()[0]}",
-              file=sys.stderr, flush=True)
+        error_line(f"error (rank {ctx.rank}): a collective did not complete (a peer died, hangs or is "
+                   f"unreachable; dist.timeout_s={cfg.dist.timeout_s:g}): {str(exc).splitlines()[0]}")
         return 3
     finally:
         close_distributed()

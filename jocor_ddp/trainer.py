@@ -21,7 +21,7 @@ from . import __version__
 from .checkpoint import (CheckpointError, checkpoint_dir, find_resume, list_checkpoints, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, dump_config
-from .data import DataBundle, build_data
+from .data import DataBundle, agree_on_error, build_data
 from .dist import DistContext, agree, all_gather_objects, all_reduce_sum, broadcast_buffers, max_over_ranks
 from .models import ModelPair, build_pair, unwrap
 from .preemption import Preempted, StopFlag
@@ -111,10 +111,14 @@ class Trainer:
 
     def _sync_point(self) -> int:
         """One small all-reduce and one host sync: the signal any rank got (else 0), so that all
-        ranks stop after the same step; and the deferred non-finite verdict, raised here."""
-        flags = torch.cat([torch.tensor([self.stop.signum or 0], device=self.ctx.device),
+        ranks stop after the same step; a bad input any rank's loader met and the deferred
+        non-finite verdict, raised here on every rank."""
+        data_error = self.step.feed.error
+        flags = torch.cat([torch.tensor([self.stop.signum or 0, int(data_error is not None)], device=self.ctx.device),
                            self.step.counters.first_bad])
-        signum, step, kind, pos = max_over_ranks(self.ctx, flags).tolist()
+        signum, bad_input, step, kind, pos = max_over_ranks(self.ctx, flags).tolist()
+        if bad_input:
+            agree_on_error(self.ctx, data_error)  # raises on every rank
         if kind > 0:
             self.step.raise_bad(step, kind, pos)
         return signum

@@ -8,7 +8,9 @@ import io
 import json
 import tarfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import webdataset as wds
@@ -16,8 +18,8 @@ from PIL import Image
 
 from helpers import make_cifar, make_mnist
 
-from jocor_ddp.data.shards import (MANIFEST, INDEX_DTYPE, load_manifest, read_records, sample_key,
-                                   sha256_file)
+from jocor_ddp.data.shards import (MANIFEST, INDEX_DTYPE, INDEX_DTYPE_V1, load_manifest,
+                                   sample_key, sha256_file, tar_image_offsets)
 from jocor_ddp.prepare import prepare
 
 CLOTHING1M_CLASSES = ["T-Shirt", "Shirt", "Knitwear", "Chiffon", "Sweater", "Hoodie", "Windbreaker",
@@ -140,15 +142,64 @@ def flip_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def rewrite_index(shard_dir: Path, split: str, rows: np.ndarray, *, fmt: str | None = None) -> None:
+    """Replace a split's index by ``rows``, with the manifest's size and sha256 of it (and
+    its format, when given) to match: only the checks of the content itself can catch it."""
+    d = json.loads((shard_dir / MANIFEST).read_text())
+    entry = d["splits"][split]["index"]
+    index_path = shard_dir / entry["file"]
+    with open(index_path, "wb") as f:
+        np.save(f, rows, allow_pickle=False)
+    entry.update(bytes=index_path.stat().st_size, sha256=sha256_file(index_path))
+    d["format"] = fmt or d["format"]
+    (shard_dir / MANIFEST).write_text(json.dumps(d, indent=1))
+
+
+def downgrade_to_format_1(shard_dir: Path) -> None:
+    """The shards as a format /1 prepare wrote them: indexes without offsets, a manifest
+    without the image entry's resize and quality."""
+    m = load_manifest(shard_dir)
+    for name, info in m.splits.items():
+        rows = np.load(shard_dir / info.index.file)
+        old = np.zeros(len(rows), dtype=INDEX_DTYPE_V1)
+        for column in INDEX_DTYPE_V1.names:
+            old[column] = rows[column]
+        rewrite_index(shard_dir, name, old, fmt="jocor_ddp.shards/1")
+    d = json.loads((shard_dir / MANIFEST).read_text())
+    for k in ("resize", "quality"):
+        del d["image"][k]
+    (shard_dir / MANIFEST).write_text(json.dumps(d, indent=1))
+
+
+@dataclass
+class Record:
+    """One sample of a shard as the tar holds it, read independently of the package's reader."""
+    key: str
+    idx: int
+    cls: int
+    clean: int
+    ext: str
+    image: bytes
+    src: Optional[str]
+
+
+def read_records(path: Path) -> list[Record]:
+    out = []
+    for s in wds.tariterators.tarfile_samples([{"url": str(path)}]):
+        ext = "png" if "png" in s else "jpg"
+        out.append(Record(s["__key__"], int(s["idx"]), int(s["cls"]), int(s.get("clean.cls", b"-1")), ext, s[ext],
+                          s["src.txt"].decode() if "src.txt" in s else None))
+    return out
+
+
 def rewrite_sample(shard_dir: Path, split: str, idx: int, *, cls: int | None = None,
                    image: bytes | None = None) -> Path:
     """Rewrite one sample as a buggy writer would, keeping index and manifest consistent
-    (sizes, crc32, sha256): only the checks of the content itself can catch it."""
+    (sizes, crc32, offsets, sha256): only the checks of the content itself can catch it."""
     i, path = shard_of(shard_dir, split, idx)
     m = load_manifest(shard_dir)
-    index_path = shard_dir / m.splits[split].index.file
-    rows = np.load(index_path)
-    records = list(read_records(path))
+    rows = np.load(shard_dir / m.splits[split].index.file)
+    records = read_records(path)
     with wds.TarWriter(str(path), encoder=False, mtime=0) as w:
         for rec in records:
             data, label = rec.image, rec.cls
@@ -168,13 +219,12 @@ def rewrite_sample(shard_dir: Path, split: str, idx: int, *, cls: int | None = N
                 sample["src.txt"] = rec.src.encode()
             w.write(sample)
     assert rows.dtype == INDEX_DTYPE
-    with open(index_path, "wb") as f:
-        np.save(f, rows, allow_pickle=False)
+    in_shard = np.isin(rows["idx"], [rec.idx for rec in records])
+    rows["offset"][in_shard] = tar_image_offsets(path, rows[in_shard])  # a new image moves those after it
     d = json.loads((shard_dir / MANIFEST).read_text())
-    entry = d["splits"][split]
-    entry["shards"][i].update(bytes=path.stat().st_size, sha256=sha256_file(path))
-    entry["index"].update(bytes=index_path.stat().st_size, sha256=sha256_file(index_path))
+    d["splits"][split]["shards"][i].update(bytes=path.stat().st_size, sha256=sha256_file(path))
     (shard_dir / MANIFEST).write_text(json.dumps(d, indent=1))
+    rewrite_index(shard_dir, split, rows)
     return path
 
 

@@ -3,6 +3,7 @@
 
 import json
 
+import pytest
 from helpers import make_mnist, run_python, run_torchrun
 
 MODEL = ["data.name=mnist", "model.arch=mlp", "train.batch_size=32"]
@@ -30,14 +31,24 @@ def test_bench_train_and_data_from_prepared_shards(tmp_path):
     root = make_mnist(tmp_path / "raw", n_train=256, n_test=64)
     run_python(["-m", "jocor_ddp.prepare", "mnist", "--src", str(root), "--out", str(tmp_path / "shards"),
                 "--shard-size", "64", "--progress", "never"])
-    train = _json(run_python(["-m", "jocor_ddp.bench", "train", "--epochs", "1", *MODEL, "data.source=shards",
-                              f"data.shards={tmp_path / 'shards'}", "data.cache=stream", "data.num_workers=1",
-                              f"run.dir={tmp_path / 'run'}"]))
+    train = _json(run_python(["-m", "jocor_ddp.bench", "train", "--epochs", "1", "--skip-steps", "2", *MODEL,
+                              "data.source=shards", f"data.shards={tmp_path / 'shards'}", "data.cache=stream",
+                              "data.num_workers=1", f"run.dir={tmp_path / 'run'}"]))
     assert train["bench"] == "train" and train["source"] == "shards" and train["steps_per_epoch"] == 8
-    assert train["samples_per_s"] > 0 and train["eval_s"] >= 0
+    assert train["skip_steps"] == 2 and len(train["samples_per_s_all"]) == 1
+    assert train["samples_per_s"] > 0 and train["samples_per_s_whole_epoch"] > 0 and train["eval_s"] >= 0
+    # 1 + 9 batches of 32 cross the end of the 8-step epoch: the stream goes on into the next.
     data = _json(run_python(["-m", "jocor_ddp.bench", "data", "--shards", str(tmp_path / "shards"),
-                             "--workers", "0,1", "--batch-size", "32", "--steps", "4", "--warmup", "1"]))
-    assert [r["workers"] for r in data["results"]][:2] == [0, 1] and data["train_samples"] == 256
+                             "--workers", "0,1", "--batch-size", "32", "--steps", "9", "--warmup", "1"]))
+    rows = data["results"]
+    assert [(r["decode"], r["workers"]) for r in rows] == [("cpu", 0), ("cpu", 1),
+                                                           ("cpu, once into the device cache", 1)]
+    for row in rows[:2]:
+        assert row["samples"] == 9 * 32 and row["samples_per_s_per_worker"] > 0 and row["main_ms_per_batch"] > 0
+        assert row["main_ms_per_batch"] == pytest.approx(row["feed_ms_per_batch"] + row["gather_ms_per_batch"],
+                                                         abs=0.002)
+    assert rows[2]["samples"] == 256 + 64 and rows[2]["samples_per_s"] > 0
+    assert data["train_samples"] == 256 and data["resize"] is None and data["batch_size"] == 32
 
 
 def test_bench_comm_counts_bytes():

@@ -14,9 +14,9 @@ from shard_fixtures import CLOTHING1M_CLASSES, clothing1m_shards, make_clothing1
 
 from jocor_ddp.config import ConfigError, config_from_dict
 from jocor_ddp.data import build_data
-from jocor_ddp.data.clothing1m import read_clothing1m
+from jocor_ddp.convert.clothing1m import read_clothing1m
 from jocor_ddp.data.sources import DataError
-from jocor_ddp.data.decode import IMAGENET_MEAN, IMAGENET_STD
+from jocor_ddp.data.place import IMAGENET_MEAN, IMAGENET_STD
 from jocor_ddp.dist import DistContext
 from jocor_ddp.prepare import prepare
 

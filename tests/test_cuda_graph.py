@@ -15,7 +15,6 @@ import torch
 from helpers import child_env, make_cifar, make_mnist, run_python
 from jocor_ddp.checkpoint import list_checkpoints
 from jocor_ddp.config import load_config
-from jocor_ddp.data import Batch, DataBundle
 from jocor_ddp.dist import DistContext
 from jocor_ddp.step import CaptureError
 from jocor_ddp.trainer import Trainer
@@ -71,33 +70,16 @@ def test_capture_and_replay_equal_eager_fp32(mnist, tmp_path, method):
                          Trainer(_cfg(tmp_path, "e", "train.cuda_graph=false", *extra), cuda()))
 
 
-class ListLoader:
-    """A streamed loader stand-in: batches built on the host each step, as the shard stream
-    yields them (no gather: the step copies them into its buffers)."""
-
-    def __init__(self, n_steps: int, b: int, device):
-        rng = np.random.default_rng(0)
-        self.x = torch.from_numpy(rng.random((n_steps * b, 1, 28, 28), dtype=np.float32))
-        self.y = torch.from_numpy(rng.integers(0, 10, n_steps * b))
-        self.steps_per_epoch, self.num_samples, self.b, self.device = n_steps, n_steps * b, b, device
-
-    def epoch(self, epoch: int, start_step: int = 0):
-        order = torch.from_numpy(np.random.default_rng([7, epoch]).permutation(self.num_samples))
-        for s in range(start_step, self.steps_per_epoch):
-            idx = order[s * self.b:(s + 1) * self.b]
-            yield Batch(x=self.x[idx].to(self.device), y=self.y[idx].to(self.device),
-                        clean=self.y[idx].to(self.device), idx=idx.to(self.device))
-
-
-def test_streamed_batches_copied_into_the_graph_equal_eager(tmp_path):
-    def trainer(name, graph):
-        loader = ListLoader(8, 128, cuda().device)
-        bundle = DataBundle(name="mnist", classes=[str(i) for i in range(10)], in_channels=1, image_size=28,
-                            train=loader, test=[], test_samples=0)
-        cfg = _cfg(tmp_path, name, "data.root=/nonexistent", f"train.cuda_graph={graph}", "noise.type=none",
-                   "noise.rate=0", "method.forget_rate=0.3")
-        return Trainer(cfg, cuda(), data=bundle)
-    assert_same_training(trainer("g", "true"), trainer("e", "false"))
+def test_streamed_batches_copied_into_the_graph_equal_eager(mnist, tmp_path):
+    """The shard stream: uint8 pixels, indices and crops copied into the step's buffers each
+    step, placed inside the graph (random crops: data.augment)."""
+    shards = tmp_path / "shards"
+    run_python(["-m", "jocor_ddp.prepare", "mnist", "--src", str(mnist), "--out", str(shards),
+                "--shard-size", "128", "--progress", "never"])
+    extra = ["data.source=shards", f"data.shards={shards}", "data.cache=stream", "data.num_workers=2",
+             "data.augment=true"]
+    assert_same_training(Trainer(_cfg(tmp_path, "g", "train.cuda_graph=true", *extra), cuda()),
+                         Trainer(_cfg(tmp_path, "e", "train.cuda_graph=false", *extra), cuda()))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -1,22 +1,29 @@
 """prepare: every dataset round-trips from its original format through the shards;
-re-runs are safe; another dataset's shards are not overwritten without --force."""
+re-runs are safe; another dataset's shards are not overwritten without --force; the
+index's byte offsets fetch single samples, also from format /1 shards; --resize writes
+baseline JPEGs, the same bytes whatever the number of workers."""
 
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
+import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from helpers import make_cifar, make_mnist, run_python
-from shard_fixtures import make_clothing1m, make_imagefolder
+from shard_fixtures import (clothing1m_shards, downgrade_to_format_1, key, make_clothing1m, make_imagefolder,
+                            mnist_shards, read_records, rewrite_index)
 
-from jocor_ddp.data.shards import (IN_PROGRESS, MANIFEST, load_manifest, read_records, sha256_file,
-                                   verify_split)
+from jocor_ddp.data.shards import (IN_PROGRESS, INDEX_DTYPE, MANIFEST, ShardReader, load_manifest,
+                                   sha256_file, tar_image_offsets, verify_split)
 from jocor_ddp.data.sources import DataError, load_arrays
-from jocor_ddp.prepare import prepare
+from jocor_ddp.prepare import main, prepare
 
 
 def all_records(m, split):
@@ -45,7 +52,7 @@ def test_small_sets_round_trip_pixel_exact(tmp_path, name):
     check_manifest(m, ["train", "test"])
     assert m.dataset == name and m.classes == source.classes and m.labels == "clean"
     _, h, w, c = source.train.images.shape
-    assert m.image == {"format": "png", "channels": c, "height": h, "width": w}
+    assert m.image == {"format": "png", "channels": c, "height": h, "width": w, "resize": None, "quality": None}
     for split_name, split in (("train", source.train), ("test", source.test)):
         info = m.splits[split_name]
         assert info.samples == len(split)
@@ -113,7 +120,7 @@ def test_interrupted_rerun_keeps_the_complete_set(tmp_path, monkeypatch):
     raw = make_mnist(tmp_path / "raw", n_train=40, n_test=10)
     out = tmp_path / "shards"
     good = prepare("mnist", str(raw), str(out), shard_size=5)
-    import jocor_ddp.prepare as prep
+    import jocor_ddp.convert.sources as prep
     original = prep._array_samples
 
     def broken(split):
@@ -177,3 +184,141 @@ def test_cli_progress_and_errors(tmp_path):
     clash = run_python(["-m", "jocor_ddp.prepare", "fashion-mnist", "--src", str(raw), "--out",
                         str(tmp_path / "s")], check=False)
     assert clash.returncode == 2 and "--force" in clash.stderr
+
+
+# --- byte offsets and the single-sample reader ---------------------------------------
+
+def image_members(path: Path) -> dict[str, tuple[int, bytes]]:
+    """Sample key -> (offset_data, bytes) of each image member, as tarfile reads the shard."""
+    with tarfile.open(path) as tf:
+        return {m.name.split(".")[0]: (m.offset_data, tf.extractfile(m).read())
+                for m in tf if m.name.endswith((".png", ".jpg"))}
+
+
+@pytest.mark.parametrize("dataset", ["clothing1m", "mnist"])
+def test_index_offsets_are_the_tar_members_and_the_reader_returns_their_bytes(tmp_path, dataset):
+    shards = clothing1m_shards(tmp_path)[0] if dataset == "clothing1m" else mnist_shards(tmp_path)
+    split = verify_split(load_manifest(shards), "train")
+    assert split.rows.dtype == INDEX_DTYPE
+    np.testing.assert_array_equal(split.pos_of_idx[split.rows["idx"]], np.arange(split.samples))
+    reader = ShardReader(split)
+    for i, path in enumerate(split.paths):
+        members = image_members(path)
+        assert len(members) == len(split.shard_rows(i))
+        for pos in range(split.offsets[i], split.offsets[i + 1]):
+            offset, data = members[key(split.rows["idx"][pos])]
+            assert split.shard_of(pos) == i and split.rows["offset"][pos] == offset
+            assert reader.read(pos) == data
+    reader.close()
+
+
+def _read_all(reader: ShardReader, queue) -> None:
+    queue.put([reader.read(pos) for pos in range(reader.split.samples)])
+
+
+def test_reader_reads_after_fork(tmp_path):
+    split = verify_split(load_manifest(mnist_shards(tmp_path)), "train")
+    reader = ShardReader(split)
+    before = [reader.read(pos) for pos in range(split.samples)]  # the parent's files are open
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_all, args=(reader, queue))
+    child.start()
+    assert queue.get(timeout=60) == before
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert [reader.read(pos) for pos in range(split.samples)] == before  # the child closed only its copies
+    reader.close()
+
+
+def test_format_1_shards_get_their_offsets_from_the_tar_headers(tmp_path, capsys):
+    shards, _ = clothing1m_shards(tmp_path)
+    new = verify_split(load_manifest(shards), "train")
+    downgrade_to_format_1(shards)
+    capsys.readouterr()
+    m = load_manifest(shards)
+    assert m.image["resize"] is None and m.image["quality"] is None
+    old = verify_split(m, "train")
+    again = verify_split(m, "train")
+    for split in (old, again):
+        assert split.rows.dtype == INDEX_DTYPE
+        np.testing.assert_array_equal(split.rows, new.rows)
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"warning: {re.escape(str(shards))}: shards prepared before offsets were recorded; "
+                        rf"offsets read from the tar headers \(\d+\.\d s\); re-run prepare to skip this\n", err)
+    assert ShardReader(old).read(7) == image_members(old.paths[old.shard_of(7)])[key(7)][1]
+    # A sample missing from its tar is named with the shard.
+    with pytest.raises(DataError, match=rf"^{re.escape(str(old.paths[0]))} sample {key(7)}: no image member"):
+        tar_image_offsets(old.paths[0], old.rows[7:8])
+
+
+def test_reader_names_the_sample_whose_offset_or_bytes_are_wrong(tmp_path):
+    shards = mnist_shards(tmp_path)
+    rows = verify_split(load_manifest(shards), "train").rows.copy()
+    rows["offset"][17] += 1
+    rewrite_index(shards, "train", rows)  # consistent with the manifest: only the read can tell
+    split = verify_split(load_manifest(shards), "train")
+    reader = ShardReader(split)
+    assert reader.read(16) and reader.read(18)
+    path, nbytes, offset = split.paths[split.shard_of(17)], rows["nbytes"][17], rows["offset"][17]
+    with pytest.raises(DataError) as err:
+        reader.read(17)
+    assert str(err.value) == (f"{path} sample {key(17)}: the {nbytes} image bytes at offset {offset} differ from "
+                              f"those written by prepare (a shard that changed, or an index whose offsets do "
+                              f"not match it)")
+    # A shard cut short after verification: its last sample's read comes up short.
+    last = int(split.offsets[2]) - 1
+    os.truncate(split.paths[1], int(rows["offset"][last]) + 3)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(split.paths[1]))} sample {key(last)}: the "):
+        reader.read(last)
+    reader.close()
+
+
+# --- --resize ----------------------------------------------------------------------
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("dataset, make", [("clothing1m", make_clothing1m),
+                                           ("imagefolder", lambda root: make_imagefolder(root, per_class={"train": 3}))])
+def test_resize_writes_baseline_420_jpegs_the_same_for_any_workers(tmp_path, dataset, make):
+    raw = tmp_path / "raw"
+    make(raw)
+    m = prepare(dataset, str(raw), str(tmp_path / "w0"), shard_size=8, resize=32, quality=80)
+    check_manifest(m, list(m.splits))
+    assert m.image == {"format": "jpg", "channels": 3, "height": None, "width": None, "resize": 32, "quality": 80}
+    assert load_manifest(tmp_path / "w0").image == m.image
+    for split in m.splits:
+        for r in all_records(m, split):
+            assert r.ext == "jpg"
+            with Image.open(io.BytesIO(r.image)) as im, Image.open(raw / r.src) as src:
+                assert im.format == "JPEG" and im.mode == "RGB"
+                assert JpegImagePlugin.get_sampling(im) == 2 and "progressive" not in im.info
+                short = 0 if src.width <= src.height else 1  # the source's shorter side: 32 now
+                assert im.size[short] == 32
+                assert abs(im.size[1 - short] - 32 * max(src.size) / min(src.size)) < 1  # the aspect, within rounding
+    prepare(dataset, str(raw), str(tmp_path / "w2"), shard_size=8, resize=32, quality=80, workers=2)
+    assert shard_bytes(tmp_path / "w2") == shard_bytes(tmp_path / "w0")
+
+
+def test_cli_resize_options_and_the_small_sets_refusal(tmp_path, capsys):
+    make_imagefolder(tmp_path / "raw", per_class={"train": 2})
+    assert main(["imagefolder", "--src", str(tmp_path / "raw"), "--out", str(tmp_path / "s"), "--resize", "24",
+                 "--quality", "70", "--workers", "2", "--progress", "never"]) == 0
+    image = load_manifest(tmp_path / "s").image
+    assert image["format"] == "jpg" and image["resize"] == 24 and image["quality"] == 70
+    capsys.readouterr()
+    mnist = make_mnist(tmp_path / "mnist", n_train=20, n_test=10)
+    assert main(["mnist", "--src", str(mnist), "--out", str(tmp_path / "m"), "--resize", "32"]) == 2
+    assert capsys.readouterr().err == ("error: --resize: only clothing1m and imagefolder are resized; the small "
+                                       "sets keep their native size\n")
+    assert not (tmp_path / "m").exists()
+
+
+def test_resize_names_an_image_that_does_not_decode(tmp_path):
+    expected = make_clothing1m(tmp_path / "raw")
+    bad = tmp_path / "raw" / expected["val"][2][0]
+    bad.write_bytes(bad.read_bytes()[:300])  # the header parses, the body is cut short
+    with pytest.raises(DataError, match=rf"^{re.escape(str(bad))}: not a readable image: "):
+        prepare("clothing1m", str(tmp_path / "raw"), str(tmp_path / "shards"), resize=32, workers=2)

@@ -6,10 +6,11 @@ from ..config import Config, ConfigError
 from ..dist import DistContext
 from ..noise import make_noisy_labels
 from .memory import Lazy, MemoryEvalLoader, MemoryTrainLoader
+from .place import native_geometry
 from .sources import DataError, load_arrays, subset
-from .types import Batch, DataBundle, EvalBatch
+from .types import Batch, DataBundle, EvalBatch, agree_on_error
 
-__all__ = ["Batch", "DataBundle", "DataError", "EvalBatch", "build_data"]
+__all__ = ["Batch", "DataBundle", "DataError", "EvalBatch", "agree_on_error", "build_data"]
 
 
 def build_data(cfg: Config, ctx: DistContext) -> DataBundle:
@@ -21,20 +22,24 @@ def build_data(cfg: Config, ctx: DistContext) -> DataBundle:
 
 
 def _build_shards(cfg: Config, ctx: DistContext) -> DataBundle:
-    """Verified shards, fed from the device cache or streamed (data.cache)."""
+    """Verified shards, read by offset in persistent decoding workers, and fed from the
+    device cache or streamed (data.cache)."""
     # Imported here: the memory source needs neither webdataset nor torchvision.io.
-    from .cache import cached_loaders
-    from .decode import IMAGENET_MEAN, IMAGENET_STD
+    from .cache import DECODE_BATCH, cached_loaders
+    from .place import IMAGENET_MEAN, IMAGENET_STD
     from .shardset import choose_cache, open_shards
     from .stream import StreamEvalLoader, stream_loaders
+    from .workers import DecodePool
     if cfg.data.gpu_decode and ctx.device.type != "cuda":
         raise ConfigError("data.gpu_decode: needs a CUDA training device (train.device)")
     data = open_shards(cfg, ctx)
     cache = choose_cache(cfg, data)
-    if cache == "device":
-        loaders = cached_loaders(cfg, ctx, data)
-    else:
-        loaders = stream_loaders(cfg, ctx, data, raw_jpeg=cfg.data.gpu_decode)
+    local = cfg.train.batch_size // ctx.world_size
+    pool = DecodePool({"train": data.train, cfg.data.eval_split: data.test}, data.geo,
+                      batch=local if cache == "stream" else DECODE_BATCH, workers=cfg.data.num_workers,
+                      seed=cfg.train.seed, skip_bad=cfg.data.on_bad_sample == "skip", device=ctx.device,
+                      raw=cfg.data.gpu_decode and cache == "stream")
+    loaders = cached_loaders(cfg, ctx, data, pool) if cache == "device" else stream_loaders(cfg, ctx, data, pool)
     m = data.manifest
     normalization = None if data.geo.native else {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     bundle = DataBundle(name=m.dataset, classes=m.classes, in_channels=data.geo.channels,
@@ -57,7 +62,7 @@ def _build_memory(cfg: Config, ctx: DistContext) -> DataBundle:
         train_loader = MemoryTrainLoader(
             train.images, noisy, train.labels, global_batch=cfg.train.batch_size,
             rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
-            device=ctx.device, augment=cfg.data.augment)
+            device=ctx.device, geo=native_geometry(train.images, cfg.data.augment))
     except ValueError as exc:
         raise DataError(f"{cfg.data.name}: {exc}") from None
     test_loader = MemoryEvalLoader(test.images, test.labels, rank=ctx.rank,

@@ -1,7 +1,8 @@
 """The in-memory loader: the whole split as one uint8 tensor on the training device.
 
 Small datasets (MNIST, CIFAR) are fed the way airbench feeds CIFAR: no DataLoader in
-the hot loop, the batch is an index into a device tensor. The order of an epoch is a
+the hot loop, the batch is an index into a device tensor. The shard cache (``cache.py``)
+decodes shards once and feeds them through these same loaders. The order of an epoch is a
 global permutation drawn from (train.seed, epoch) alone, and rank r of W takes the r-th
 slice of every global batch, so W ranks at batch B/W see exactly the samples that one
 process at batch B sees, in the same positions.
@@ -14,6 +15,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from .place import Geometry, Placement, crop_params, native_geometry
 from .types import Batch, EvalBatch
 
 
@@ -21,46 +23,46 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def to_float(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW -> float in [0, 1]: torchvision's ToTensor, the reference's only transform."""
-    return images_u8.float().div_(255.0)
-
-
-def random_crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """Batched random crop (zero padding ``pad``) and horizontal flip, all on the device."""
-    b, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    rows = torch.arange(h, device=x.device)[None, :] + shifts[:, 0:1]
-    cols = torch.arange(w, device=x.device)[None, :] + shifts[:, 1:2]
-    cols = torch.where(flips[:, None], cols.flip(1), cols)
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2).contiguous()
+def nchw(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 NHWC images on ``device``, seen as NCHW (channels-last strides)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2)
 
 
 class MemoryTrainLoader:
+    """A split's stored views (uint8 NHWC, by row) on the device; the batch is gathered by the
+    step from the epoch's order and placed (``place.py``) on the device. ``sample_idx`` maps
+    rows to the split's sample indices where rows were left out (the shard cache's bad samples)."""
+
     # The order is one global permutation, sliced per rank: a run stopped mid-epoch under
     # W ranks continues exactly the same global batches under any other world size.
     world_size_invariant = True
 
     def __init__(self, images: np.ndarray, noisy: np.ndarray, clean: np.ndarray, *,
-                 global_batch: int, rank: int, world_size: int, seed: int,
-                 device: torch.device, augment: bool = False):
+                 global_batch: int, rank: int, world_size: int, seed: int, device: torch.device,
+                 geo: Optional[Geometry] = None, sample_idx: Optional[np.ndarray] = None,
+                 num_samples: Optional[int] = None, static_bad: int = 0):
         n = int(noisy.shape[0])
         if n < global_batch:
             raise ValueError(f"the training split has {n} samples, fewer than one global batch "
                              f"of {global_batch}; lower train.batch_size")
-        # uint8 NHWC -> NCHW once; 4x smaller on the device than float.
-        self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+        self.geo = geo or native_geometry(images, False)
+        self.placement = Placement(self.geo, device)
+        # uint8 (4x smaller on the device than float), seen as NCHW, kept channels last: no copy
+        # but the one to the device.
+        self.images = nchw(images, device)
         self.noisy = torch.from_numpy(noisy).to(device)
         self.clean = torch.from_numpy(clean).to(device)
-        self.num_samples = n
+        self.sample_idx_np = np.arange(n) if sample_idx is None else sample_idx
+        self.sample_idx = torch.from_numpy(self.sample_idx_np).to(device)
+        self.rows = n
+        # The range of Batch.idx (consumers index per-sample arrays with it), left-out samples included.
+        self.num_samples = n if num_samples is None else num_samples
         self.global_batch = global_batch
         self.local_batch = global_batch // world_size
-        self.rank = rank
         self.seed = seed
         self.device = device
-        self.augment = augment
+        # Counted once per epoch, on one rank: every rank left out the same samples.
+        self.static_bad = self.bad_samples = static_bad
         # Training drops the last partial batch (as the reference does): every rank runs
         # the same number of steps, so no rank waits alone in a collective.
         self.steps_per_epoch = n // global_batch
@@ -68,25 +70,21 @@ class MemoryTrainLoader:
         self.offsets = torch.arange(rank * self.local_batch, (rank + 1) * self.local_batch, device=device)
 
     def epoch_plan(self, epoch: int, start_step: int = 0) -> dict[str, torch.Tensor]:
-        """The epoch's order (and crops) as device tensors of fixed shapes: a captured step
-        gathers from them, so a new epoch only overwrites them in place. (``start_step``
-        matters to loaders that count per epoch; this one has nothing to count.)"""
-        plan = {"order": torch.from_numpy(epoch_permutation(self.num_samples, self.seed, epoch)).to(self.device)}
-        if self.augment:
-            # Drawn per global position, so the same sample gets the same crop whatever W is.
-            rng = np.random.default_rng([self.seed, epoch, 1])
-            plan["shifts"] = torch.from_numpy(rng.integers(0, 9, size=(self.num_samples, 2))).to(self.device)
-            plan["flips"] = torch.from_numpy(rng.random(self.num_samples) < 0.5).to(self.device)
+        """The epoch's order and crops as device tensors of fixed shapes: a captured step
+        gathers from them, so a new epoch only overwrites them in place."""
+        # The left-out samples count once per epoch: in a resumed epoch the checkpoint has them.
+        self.bad_samples = self.static_bad if start_step == 0 else 0
+        plan = {"order": torch.from_numpy(epoch_permutation(self.rows, self.seed, epoch)).to(self.device)}
+        if self.geo.random:  # by sample index: the same crop from every source, for any world size
+            plan["params"] = torch.from_numpy(crop_params(self.geo, self.seed, epoch, self.sample_idx_np)).to(self.device)
         return plan
 
     def gather(self, plan: dict[str, torch.Tensor], step: torch.Tensor) -> Batch:
         """This rank's share of global batch ``step`` (a device integer): device ops only."""
-        positions = step * self.global_batch + self.offsets
-        idx = plan["order"][positions]
-        x = to_float(self.images[idx])
-        if self.augment:
-            x = random_crop_flip(x, plan["shifts"][positions], plan["flips"][positions])
-        return Batch(x=x, y=self.noisy[idx], clean=self.clean[idx], idx=idx)
+        rows = plan["order"][step * self.global_batch + self.offsets]
+        x = self.images[rows]
+        x = self.placement.train(x, plan["params"][rows]) if self.geo.random else self.placement.eval(x)
+        return Batch(x=x, y=self.noisy[rows], clean=self.clean[rows], idx=self.sample_idx[rows])
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         plan = self.epoch_plan(epoch, start_step)
@@ -101,25 +99,27 @@ class MemoryEvalLoader:
     the unaugmented pass that evaluate and audit use; otherwise ``EvalBatch``es."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, rank: int, world_size: int,
-                 device: torch.device, batch_size: int = 1000, clean: Optional[np.ndarray] = None):
+                 device: torch.device, batch_size: int = 1000, clean: Optional[np.ndarray] = None,
+                 geo: Optional[Geometry] = None, sample_idx: Optional[np.ndarray] = None):
         n = int(labels.shape[0])
         lo, hi = n * rank // world_size, n * (rank + 1) // world_size
-        self.images = torch.from_numpy(np.ascontiguousarray(images[lo:hi].transpose(0, 3, 1, 2))).to(device)
+        self.placement = Placement(geo or native_geometry(images, False), device)
+        self.images = nchw(images[lo:hi], device)
         self.labels = torch.from_numpy(labels[lo:hi]).to(device)
         self.clean = torch.from_numpy(clean[lo:hi]).to(device) if clean is not None else None
-        self.offset = lo
+        idx = np.arange(n) if sample_idx is None else sample_idx
+        self.idx = torch.from_numpy(idx[lo:hi]).to(device)
         self.num_samples = n
         self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[EvalBatch | Batch]:
         for lo in range(0, self.labels.shape[0], self.batch_size):
             part = slice(lo, lo + self.batch_size)
-            x, y = to_float(self.images[part]), self.labels[part]
+            x, y = self.placement.eval(self.images[part]), self.labels[part]
             if self.clean is None:
                 yield EvalBatch(x=x, y=y)
             else:
-                idx = torch.arange(self.offset + lo, self.offset + lo + y.shape[0], device=y.device)
-                yield Batch(x=x, y=y, clean=self.clean[part], idx=idx)
+                yield Batch(x=x, y=y, clean=self.clean[part], idx=self.idx[part])
 
 
 class Lazy:

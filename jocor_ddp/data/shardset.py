@@ -12,7 +12,7 @@ import numpy as np
 from ..config import Config, ConfigError
 from ..dist import DistContext
 from ..noise import NoiseInfo, make_noisy_labels
-from .decode import Geometry, geometry
+from .place import Geometry, geometry
 from .shards import Manifest, SplitIndex, load_manifest, verify_split
 from .sources import DataError, warn
 
@@ -86,7 +86,7 @@ def open_shards(cfg: Config, ctx: DistContext) -> ShardData:
 def choose_cache(cfg: Config, data: ShardData) -> str:
     if cfg.data.cache != "auto":
         return cfg.data.cache
-    h, w = data.geo.cached
+    h, w = data.geo.stored
     need = (int(data.train_keep.sum()) + int(data.test_keep.sum())) * data.geo.channels * h * w
     return "device" if need <= cfg.data.cache_budget_gb * 2**30 else "stream"
 

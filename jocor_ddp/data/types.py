@@ -6,8 +6,11 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Protocol
 
 import torch
+import torch.distributed as dist
 
+from ..dist import DistContext, all_gather_objects, all_reduce_sum
 from ..noise import NoiseInfo
+from .sources import DataError
 
 
 @dataclass
@@ -52,3 +55,19 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+def agree_on_error(ctx: DistContext, error: Optional[str], count: int = 0) -> int:
+    """On every rank together: any rank's error is raised on all (its own message, or which
+    rank stopped and why); else the sum of ``count`` over the ranks."""
+    if not dist.is_initialized():  # one process (or ranks simulated in one, in tests)
+        if error:
+            raise DataError(error)
+        return count
+    t = all_reduce_sum(ctx, torch.tensor([1.0 if error else 0.0, float(count)], dtype=torch.float64,
+                                         device=ctx.device)).tolist()
+    if t[0] > 0:
+        errors = all_gather_objects(ctx, error)
+        first = next(r for r, e in enumerate(errors) if e)
+        raise DataError(error or f"rank {first} stopped on bad input: {errors[first]}")
+    return int(t[1])

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sources import DataError
+from ..data.sources import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
