@@ -50,6 +50,16 @@ def _range(key: str, value: float, lo: float, hi: float, *, hi_open: bool = True
         raise ConfigError(f"{key}: {value!r} is outside [{lo}, {hi}{bracket}")
 
 
+def _above(key: str, value: float, lo: float) -> None:
+    if not value > lo:
+        raise ConfigError(f"{key}: must be > {lo}, got {value!r}")
+
+
+def _at_least(key: str, value: float, lo: float) -> None:
+    if value < lo:
+        raise ConfigError(f"{key}: must be >= {lo}, got {value!r}")
+
+
 def _positive(key: str, value: int) -> None:
     if value <= 0:
         raise ConfigError(f"{key}: must be a positive number, got {value!r}")
@@ -57,6 +67,7 @@ def _positive(key: str, value: int) -> None:
 
 @dataclass
 class RunConfig:
+    # The run folder: config.yaml, noise.json, metrics.jsonl and checkpoints/.
     dir: str = "runs/default"
 
     def __post_init__(self):
@@ -66,15 +77,18 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
+    # The dataset (the shard manifest must name the same one).
     name: str = "fashion-mnist"
     # Folder holding the raw files in their original format (IDX, CIFAR pickles, ...).
     root: str = "/usr/share/datasets/fashion-mnist"
+    # memory: the raw files into one device tensor; shards: WebDataset shards written by prepare.
     source: str = "memory"
     # data.source: shards reads SHARD_DIR/manifest.json and the tars it lists
     # (written by ``python -m jocor_ddp.prepare``).
     shards: Optional[str] = None
-    # Use only the first N training / test samples (small demos and tests); null = all.
+    # Use only the first N training samples (small demos and tests); null = all.
     train_subset: Optional[int] = None
+    # Use only the first N test samples; null = all.
     test_subset: Optional[int] = None
     # Random crop (pad 4) and horizontal flip on the device; the reference uses none.
     # (Clothing1M and ImageFolder always take random crops: resize_size, then crop_size.)
@@ -83,6 +97,8 @@ class DataConfig:
     # device; stream: decode in the workers every epoch; auto: device when the decoded
     # splits fit in cache_budget_gb (per rank), else stream.
     cache: str = "auto"
+    # Per-rank budget for cache: auto, in decoded bytes (the resized sets count resize_size
+    # squared per image).
     cache_budget_gb: float = 8.0
     # Decoding worker processes per rank (persistent; 0: decode in the training process).
     num_workers: int = 2
@@ -99,6 +115,7 @@ class DataConfig:
     # Datasets of variable image size (Clothing1M, ImageFolder): shorter side resized
     # to resize_size, then a crop_size square (random for training, central for evaluation).
     resize_size: int = 256
+    # The side of that square: what the model sees.
     crop_size: int = 224
 
     def __post_init__(self):
@@ -111,10 +128,8 @@ class DataConfig:
             if value is not None:
                 _positive(f"data.{key}", value)
         _choice("data.cache", self.cache, CACHES)
-        if not self.cache_budget_gb > 0:
-            raise ConfigError(f"data.cache_budget_gb: must be > 0, got {self.cache_budget_gb}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        _above("data.cache_budget_gb", self.cache_budget_gb, 0)
+        _at_least("data.num_workers", self.num_workers, 0)
         _choice("data.on_bad_sample", self.on_bad_sample, BAD_SAMPLE)
         if not self.eval_split or "/" in self.eval_split:
             raise ConfigError(f"data.eval_split: {self.eval_split!r} is not a split name (test, val, ...)")
@@ -130,13 +145,17 @@ class DataConfig:
 
 @dataclass
 class NoiseConfig:
+    # How the training labels are corrupted (drawn once, on the whole split): see
+    # docs/training.md, Noise; none: the labels as given; file: per-sample labels from noise.file.
     type: str = "symmetric"
+    # The share of labels corrupted (for asymmetric: the flip rate of the affected classes).
     rate: float = 0.5
     # Fixed, whatever the training seed: the reference always corrupts with seed 0.
     seed: int = 0
     # For type 'file': per-sample labels (.npy, .txt/.csv one label per line, .json list,
     # or a torch file of tensors with file_key naming the entry, e.g. CIFAR-10N's 'worse_label').
     file: Optional[str] = None
+    # The entry of a torch label file to read (e.g. CIFAR-10N's 'worse_label').
     file_key: Optional[str] = None
 
     def __post_init__(self):
@@ -150,11 +169,14 @@ class NoiseConfig:
 
 @dataclass
 class ModelConfig:
+    # The network of each of the pair: mlp (784-256-C), cnn (the reference's 6-conv CIFAR net),
+    # resnet18/34/50.
     arch: str = "mlp"
     # 3x3 stride-1 first convolution and no max-pool: the usual ResNet stem for 32x32 inputs.
     cifar_stem: bool = False
     # Initial weights from a local file (state_dict); nothing is downloaded at run time.
     weights: Optional[str] = None
+    # SyncBatchNorm across ranks (CUDA, several ranks): BatchNorm over the global batch.
     sync_bn: bool = False
 
     def __post_init__(self):
@@ -163,6 +185,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
+    # The method: JoCoR or one of the baselines the paper compares with (docs/methods.md).
     name: str = "jocor"
     # The reference's code default; the authors advise 0.5-0.9 per dataset (configs/ say which).
     co_lambda: float = 0.1
@@ -181,28 +204,33 @@ class MethodConfig:
         _range("method.co_lambda", self.co_lambda, 0.0, 1.0, hi_open=False)
         if self.forget_rate is not None:
             _range("method.forget_rate", self.forget_rate, 0.0, 1.0)
-        if self.num_gradual < 0:
-            raise ConfigError(f"method.num_gradual: must be >= 0, got {self.num_gradual}")
-        if self.exponent <= 0:
-            raise ConfigError(f"method.exponent: must be > 0, got {self.exponent}")
-        if self.init_epoch < 0:
-            raise ConfigError(f"method.init_epoch: must be >= 0, got {self.init_epoch}")
+        _at_least("method.num_gradual", self.num_gradual, 0)
+        _above("method.exponent", self.exponent, 0)
+        _at_least("method.init_epoch", self.init_epoch, 0)
 
 
 @dataclass
 class TrainConfig:
+    # Epochs to train.
     epochs: int = 200
     # The GLOBAL batch: each of W ranks takes batch_size / W samples of every step.
     batch_size: int = 128
+    # Adam's learning rate (both networks, one optimizer, as the reference).
     lr: float = 0.001
     # From this epoch the lr falls linearly towards 0 and Adam's beta1 drops to 0.1.
     epoch_decay_start: int = 80
+    # Seeds the initial networks and the data order (not the noise: noise.seed).
     seed: int = 1
+    # auto: CUDA when present (the local rank's GPU), else the CPU.
     device: str = "auto"
     # auto: bf16 autocast on CUDA devices that support it, fp32 elsewhere; fp16 adds a GradScaler.
     precision: str = "auto"
+    # Channels-last memory format for the convolutional networks.
     channels_last: bool = False
+    # torch.compile the pair (the CIFAR configs set it with channels_last).
     compile: bool = False
+    # error: a NaN or infinite loss or gradient stops the run, naming the step; skip: that
+    # step updates nothing and is counted.
     on_nonfinite: str = "error"
     # Steps between host syncs: the non-finite verdict and the stop-signal agreement are read
     # every N steps (each sync drains the GPU's queue). A non-finite value is still reported
@@ -220,10 +248,8 @@ class TrainConfig:
     def __post_init__(self):
         _positive("train.epochs", self.epochs)
         _positive("train.batch_size", self.batch_size)
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
-        if self.epoch_decay_start < 0:
-            raise ConfigError(f"train.epoch_decay_start: must be >= 0, got {self.epoch_decay_start}")
+        _above("train.lr", self.lr, 0)
+        _at_least("train.epoch_decay_start", self.epoch_decay_start, 0)
         _choice("train.device", self.device, DEVICES)
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.on_nonfinite", self.on_nonfinite, NONFINITE)
@@ -246,25 +272,25 @@ class CheckpointConfig:
     keep: int = 3
 
     def __post_init__(self):
-        if self.every_steps < 0:
-            raise ConfigError(f"checkpoint.every_steps: must be >= 0, got {self.every_steps}")
+        _at_least("checkpoint.every_steps", self.every_steps, 0)
         _positive("checkpoint.keep", self.keep)
 
 
 @dataclass
 class DistConfig:
+    # The process-group backend: auto = nccl on CUDA, gloo on the CPU.
     backend: str = "auto"
     # A collective that cannot complete (a peer died) fails after this many seconds.
     timeout_s: float = 300.0
 
     def __post_init__(self):
         _choice("dist.backend", self.backend, BACKENDS)
-        if not self.timeout_s > 0:
-            raise ConfigError(f"dist.timeout_s: must be > 0, got {self.timeout_s}")
+        _above("dist.timeout_s", self.timeout_s, 0)
 
 
 @dataclass
 class LogConfig:
+    # The progress bar: auto = on a terminal.
     progress: str = "auto"
     # Also write each epoch's metrics as TensorBoard scalars to RUN/tensorboard (needs the
     # optional extra: pip install -e .[tensorboard]).

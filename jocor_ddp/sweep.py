@@ -22,7 +22,7 @@ from .runner import Slot, SweepRunner, make_slots, visible_gpus
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jocor_ddp.sweep", description=__doc__.split("\n\n")[0],
-                                epilog="Each run's output goes to RUN/sweep.log; see README, 'Sweeps'.")
+                                epilog="Each run's output goes to RUN/sweep.log; see docs/methods.md, 'Sweeps'.")
     p.add_argument("sweep", metavar="SWEEP.yaml")
     p.add_argument("--list", action="store_true", help="print INDEX NAME STATUS for each run and exit")
     p.add_argument("--index", type=int, metavar="I", help="run only run I (of the list, after --where)")

@@ -11,6 +11,7 @@ from .config import ConfigError, dump_config, load_config
 from .data import DataError
 from .dist import RemoteError, close_distributed, init_distributed
 from .preemption import Preempted
+from .reference import config_reference, replace_reference
 from .step import CaptureError, NonFiniteError
 from .trainer import Trainer
 
@@ -24,9 +25,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Train a JoCoR network pair on noisy labels (one process, or DDP workers "
                     "started by torchrun). Resumes from RUN/checkpoints by default.",
         epilog="Overrides are dotted keys, e.g. train.epochs=5 noise.rate=0.2 selection=local. "
-               "See README.md for every key.")
+               "docs/config.md lists every key.")
     p.add_argument("--config", help="YAML config file (configs/*.yaml)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--config-reference", nargs="?", const="-", metavar="FILE",
+                   help="print the table of every config key (type, default, allowed values, meaning), "
+                        "generated from the code, and exit; with FILE, rewrite the table between its "
+                        "markers in FILE (docs/config.md)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_args(argv)
 
@@ -35,6 +40,19 @@ def is_collective_failure(exc: BaseException) -> bool:
     text = str(exc)
     return any(s in text for s in ("Timed out", "timed out", "Connection closed", "Connection reset",
                                    "NCCL", "Gloo", "gloo"))
+
+
+def write_reference(target: str) -> int:
+    if target == "-":
+        print(config_reference(), end="")
+        return 0
+    try:
+        replace_reference(target)
+    except (OSError, ValueError) as exc:
+        error_line(f"error: --config-reference {target}: {exc}")
+        return 2
+    print(f"{target}: config reference rewritten")
+    return 0
 
 
 def error_line(text: str) -> None:
@@ -46,6 +64,8 @@ def error_line(text: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.config_reference:
+        return write_reference(args.config_reference)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:

@@ -413,13 +413,12 @@ def test_image_contents_install_and_print_help(tmp_path):
     assert found.stdout.startswith(str(site)), "the package ran from the checkout, not from the install"
 
 
-def test_readme_run_on_a_cluster_names_what_exists():
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Run on a cluster\n", 1)[1].split("\n## ", 1)[0]
+def test_cluster_docs_name_what_exists():
+    section = (REPO / "docs" / "clusters.md").read_text()  # the whole page: "Run on a cluster"
     assert "docker build -t jocor-ddp:" in section
     assert re.search(r"docker run --rm --gpus all --ipc=host .*\\\n\s+-v \S+:/data -v \S+:/runs", section)
     assert "Built and run in CI" in section and "tests/docker/build_test_base.sh" in section
     for path in set(re.findall(r"\b(?:configs|launch)/[\w.]+\.(?:yaml|sh|sbatch)\b", section)):
-        assert (REPO / path).exists(), f"README names {path}, which does not exist"
+        assert (REPO / path).exists(), f"docs/clusters.md names {path}, which does not exist"
     for script in [*LAUNCHERS, "launch/pytorchjob.yaml"]:
         assert script in section

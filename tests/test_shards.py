@@ -347,6 +347,20 @@ def test_config_keys_are_validated(key_value, pattern):
         load_config(None, ["data.source=shards", "data.shards=/x", key_value])
 
 
+def test_shards_resized_below_data_resize_size_are_refused(tmp_path):
+    from jocor_ddp.prepare import prepare
+    from shard_fixtures import make_clothing1m
+    make_clothing1m(tmp_path / "raw", n_train=8)
+    prepare("clothing1m", str(tmp_path / "raw"), str(tmp_path / "shards"), shard_size=4, resize=32)
+    cfg = cfg_for(tmp_path / "shards", dataset="clothing1m", resize_size=36, crop_size=32)
+    cfg.noise.type, cfg.noise.rate, cfg.method.forget_rate = "none", 0.0, 0.2
+    with pytest.raises(DataError, match=rf"{tmp_path / 'shards'}: the shards were prepared with --resize 32, "
+                                        rf"smaller than data.resize_size 36"):
+        open_shards(cfg, CPU)
+    cfg.data.resize_size = 32  # at the stored size: nothing to resize
+    assert open_shards(cfg, CPU).geo.prepared_resize == 32
+
+
 def test_gpu_decode_needs_cuda(clean_shards):
     with pytest.raises(ConfigError, match="data.gpu_decode: needs a CUDA"):
         build(clean_shards, gpu_decode=True)

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers, when run by torchrun
@@ -91,7 +92,7 @@ if __name__ == "__main__":
 # --- the tests ----------------------------------------------------------------------
 
 from shard_fixtures import (clothing1m_shards, flip_byte, key, member_offset, mnist_shards,  # noqa: E402
-                            rewrite_sample, shard_of, undecodable_png)
+                            rewrite_index, rewrite_sample, shard_of, undecodable_png)
 
 GLOO = ["dist.backend=gloo", "train.device=cpu"]
 
@@ -188,6 +189,12 @@ def damaged_copies(tmp_path: Path) -> list[dict]:
     d = case("image-stream", "data.cache=stream", "data.num_workers=2")
     p = rewrite_sample(d, "train", 40, image=undecodable_png())
     cases[-1]["expect"] = [str(p), f"sample {key(40)}", "does not decode"]
+    # An index whose offset for one sample is wrong (manifest consistent): met while reading it.
+    d = case("offsets-stream", "data.cache=stream", "data.num_workers=2")
+    rows = np.load(d / "train-index.npy")
+    rows["offset"][rows["idx"] == 40] += 512
+    rewrite_index(d, "train", rows)
+    cases[-1]["expect"] = [str(shard_of(d, "train", 40)[1]), f"sample {key(40)}", "image bytes at offset"]
     d = case("test-image-stream", "data.cache=stream", "data.num_workers=1")
     p = rewrite_sample(d, "test", 25, image=undecodable_png())
     cases[-1]["expect"] = [str(p), f"sample {key(25)}", "does not decode"]
@@ -218,9 +225,10 @@ def test_every_bad_input_stops_every_rank_by_name(tmp_path):
             for part in c["expect"]:
                 assert part in got["error"], f"{c['name']}, rank {rank}: {part!r} not in {got['error']!r}"
             assert got["seconds"] < 10, f"{c['name']}: rank {rank} took {got['seconds']:.1f}s"
-    # Exactly one rank read the damaged streaming shard; the other says which rank did.
-    stream = [results["image-stream"]["error"] for results in ranks]
-    assert sum(e.startswith("rank ") for e in stream) == 1
+    # Exactly one rank read the damaged streaming sample; the other says which rank did.
+    for name in ("image-stream", "offsets-stream"):
+        stream = [results[name]["error"] for results in ranks]
+        assert sum(e.startswith("rank ") for e in stream) == 1, stream
 
 
 def train_cli(tmp_path: Path, overrides: list[str], *, check: bool = True, timeout: float = 150):
