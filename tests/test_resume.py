@@ -196,6 +196,16 @@ def test_stream_interrupted_then_resumed_matches_uninterrupted(data, shard_args,
     assert_same_run(run_dir, stream_run_a)
 
 
+def test_stream_in_one_process_interrupted_then_resumed_matches_uninterrupted(data, shard_args, tmp_path):
+    """One process, two persistent decoding workers: SIGTERM mid-epoch, then the same command."""
+    run_torchrun(1, _args(data, tmp_path / "a", *shard_args, "data.num_workers=2"))
+    run_torchrun(1, _args(data, tmp_path / "b", *shard_args, "data.num_workers=2"),
+                 env=child_env(JOCOR_FAULT="sigterm:0:13"))
+    resumed = run_torchrun(1, _args(data, tmp_path / "b", *shard_args, "data.num_workers=2"))
+    assert "resumed from" in resumed.stdout
+    assert_same_run(tmp_path / "b", tmp_path / "a")
+
+
 def test_stream_resumes_under_another_world_size_mid_epoch(data, shard_args, stream_run_a, tmp_path):
     """The stream's order is one global permutation, as the memory source's: 1 rank finishes
     the epoch 2 ranks started (parameters then agree to float tolerance)."""

@@ -78,7 +78,7 @@ class Ring:
         asynchronously from them; unpinned copies still work, only slower."""
         cudart = torch.cuda.cudart()
         for t in self._tensors():
-            if cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0) == 0:
+            if int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) == 0:  # cudaSuccess
                 self.registered.append(t)
 
     def unpin(self) -> None:
