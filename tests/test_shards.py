@@ -287,6 +287,15 @@ def test_sha256_mismatch_names_the_sample(shards):
         list(train.epoch(0))
 
 
+def test_a_shard_gone_after_verification_is_named_not_a_dead_worker(shards):
+    train = build(shards, cache="stream", num_workers=2).train
+    _, path = shard_of(shards, "train", 30)
+    path.unlink()
+    with pytest.raises(DataError, match=rf"{path}: cannot read sample 000000\d\d: .*No such file"):
+        list(train.epoch(0))
+    assert all(p.is_alive() for p in train.pool.procs)
+
+
 def test_label_outside_range(shards):
     path = rewrite_sample(shards, "train", 17, cls=10)
     with pytest.raises(DataError, match=rf"{path} sample {key(17)}: label 10 .* outside \[0, 10\)"):

@@ -326,8 +326,10 @@ class ShardReader:
         row = self.split.rows[pos]
         path = self.split.paths[self.split.shard_of(pos)]
         offset, nbytes = int(row["offset"]), int(row["nbytes"])
-        # pread: no file position to share with a forked parent or another thread.
-        data = os.pread(self._file(path).fileno(), nbytes, offset)
+        try:  # pread: no file position to share with a forked parent or another thread
+            data = os.pread(self._file(path).fileno(), nbytes, offset)
+        except OSError as exc:  # the shard vanished or its storage failed after verification
+            raise DataError(f"{path}: cannot read sample {sample_key(row['idx'])}: {exc}") from None
         if len(data) != nbytes or zlib.crc32(data) != row["crc"]:
             raise DataError(f"{path} sample {sample_key(row['idx'])}: the {nbytes} image bytes at offset {offset} "
                             f"differ from those written by prepare (a shard that changed, or an index whose "

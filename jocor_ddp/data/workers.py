@@ -109,6 +109,8 @@ class Decoder:
             self.ring.idx[slot, :len(idx)] = torch.from_numpy(result.idx)
         except DataError as exc:
             result.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 -- anything else, as an error at the same step, not a dead worker
+            result.error = f"{job.split} samples {idx[:3].tolist()}...: decoding failed: {exc!r}"
         return result
 
     def _decode(self, reader: ShardReader, split: SplitIndex, slot: int, job: Job, result: Result) -> None:
