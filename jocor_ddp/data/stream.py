@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -235,11 +235,13 @@ class StreamTrainLoader(_Feed):
         self.error = None
         step = start_step
         try:
-            for item in self._items(self.jobs(epoch, start_step)):
-                yield item
-                step += 1
-                if item.error:
-                    break
+            # closing: a GPU decoder's thread stops here, before the pool serves another run
+            with closing(self._items(self.jobs(epoch, start_step))) as items:
+                for item in items:
+                    yield item
+                    step += 1
+                    if item.error:
+                        break
         except DataError as exc:  # a worker died
             yield Item(error=str(exc))
             step += 1
@@ -307,20 +309,21 @@ class StreamEvalLoader(_Feed):
         error, skipped = None, 0
         jobs = (Job(self.split_name, p, raw=self.gpu_decode) for p in positions_in_batches(self.mine, self.batch))
         try:
-            for item in self._items(jobs):
-                if item.error:
-                    raise DataError(item.error)
-                skipped += item.bad
-                keep = torch.from_numpy(item.ok) if not item.ok.all() else None
-                pixels, idx = (item.pixels, item.idx) if keep is None else (item.pixels[keep], item.idx[keep])
-                current = arrive(item, self.device)
-                x = self.placement.eval(pixels.to(self.device, non_blocking=True))
-                idx = idx.to(self.device, non_blocking=True, copy=True)  # the slot is refilled
-                done(item, current)
-                if self.clean is None:
-                    yield EvalBatch(x=x, y=self.labels[idx])
-                else:
-                    yield Batch(x=x, y=self.labels[idx], clean=self.clean[idx], idx=idx)
+            with closing(self._items(jobs)) as items:
+                for item in items:
+                    if item.error:
+                        raise DataError(item.error)
+                    skipped += item.bad
+                    keep = torch.from_numpy(item.ok) if not item.ok.all() else None
+                    pixels, idx = (item.pixels, item.idx) if keep is None else (item.pixels[keep], item.idx[keep])
+                    current = arrive(item, self.device)
+                    x = self.placement.eval(pixels.to(self.device, non_blocking=True))
+                    idx = idx.to(self.device, non_blocking=True, copy=True)  # the slot is refilled
+                    done(item, current)
+                    if self.clean is None:
+                        yield EvalBatch(x=x, y=self.labels[idx])
+                    else:
+                        yield Batch(x=x, y=self.labels[idx], clean=self.clean[idx], idx=idx)
         except DataError as exc:
             error = str(exc)
         total = agree_on_error(self.ctx, error, skipped)  # once a pass
