@@ -11,7 +11,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 
 from jocor_ddp.config import load_config
 from jocor_ddp.grid import load_sweep
