@@ -210,6 +210,18 @@ def gpu_route(cfg, data):
     return stream_loaders(cfg, CPU, data, pool)
 
 
+def test_a_dropped_stream_takes_its_workers_with_it(clean_shards):
+    """Nothing keeps a pool alive but its loaders: dropped unclosed, its workers end (a
+    process building many bundles, the test suite, leaks none)."""
+    import gc
+    train = build(clean_shards, cache="stream", num_workers=2).train
+    procs = list(train.pool.procs)
+    assert len(procs) == 2 and all(p.is_alive() for p in procs)
+    del train
+    gc.collect()
+    assert not any(p.is_alive() for p in procs)
+
+
 def test_gpu_decode_route_matches_worker_decoding(tmp_path):
     """The same batches as decoding in the workers; a bad JPEG is replaced and counted."""
     shards, _ = clothing1m_shards(tmp_path, n_train=24, shard_size=4)

@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
@@ -196,10 +197,13 @@ class DecodePool:
         if device.type == "cuda":
             self.ring.pin()
         self.broken: Optional[str] = None
-        # Before multiprocessing's own exit handler (atexit runs last-registered first), which
-        # would SIGTERM the workers, which ignore it, and wait for them forever.
-        atexit.register(self.close)
         self.active: Optional[Iterator[Result]] = None
+        # The workers go with the pool: on close(); when a pool nobody closed is collected; and
+        # at exit, before multiprocessing's own exit handler (atexit runs last-registered first),
+        # which would SIGTERM them (they ignore it) and wait for them forever.
+        self._stop = weakref.finalize(self, _stop_workers, self.procs, self.tasks, self.ring)
+        self._stop.atexit = False
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     # --- slots ----------------------------------------------------------------------
 
@@ -258,7 +262,8 @@ class DecodePool:
                     submitted, job = submitted + 1, next(jobs, None)
                 yield self._result(inflight.popleft())
         finally:  # a consumer that stopped early: collect what is in flight, so the workers are idle
-            while inflight and not self.broken:
+            # (not once the workers were stopped: a pool collected with this run left suspended)
+            while inflight and not self.broken and (self.procs or not self.workers):
                 self._result(inflight.popleft())
 
     def _result(self, lane: int) -> Result:
@@ -275,21 +280,33 @@ class DecodePool:
                     raise DataError(self.broken) from None
 
     def close(self) -> None:
-        atexit.unregister(self.close)
-        if self.active is not None:
+        if self.active is not None:  # first: it collects what the workers still have in flight
             self.active.close()
             self.active = None
-        for q in self.tasks:
-            q.put(None)
-        for p in self.procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()  # SIGTERM is ignored
-        self.procs, self.tasks, self.results = [], [], []
+        self._stop()
+        self.results = []
         self.workers = 0
-        if self.ring.registered:
-            self.ring.unpin()
         self.decoder.close()
+
+
+def _stop_workers(procs: list, tasks: list, ring: Ring) -> None:
+    """Ask each worker to finish, kill what does not (SIGTERM is ignored), unpin the slots."""
+    for q in tasks:
+        q.put(None)
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+    procs.clear()
+    tasks.clear()
+    if ring.registered:
+        ring.unpin()
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    pool = ref()
+    if pool is not None:
+        pool.close()
 
 
 def positions_in_batches(positions: np.ndarray, batch: int) -> Iterator[np.ndarray]:
