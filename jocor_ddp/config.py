@@ -26,6 +26,8 @@ DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "clothing1m", "imag
 MODELS = ("mlp", "cnn", "resnet18", "resnet34", "resnet50")
 NOISE_TYPES = ("symmetric", "pairflip", "asymmetric", "none", "file")
 METHODS = ("jocor", "coteaching", "coteaching_plus", "decoupling", "standard")
+NO_FORGET_RATE = ("decoupling", "standard")  # methods that select no small-loss share
+FORGET_RATE_WORDS = ("auto",)  # method.forget_rate besides a number
 SELECTIONS = ("global", "local")
 SOURCES = ("memory", "shards")
 CACHES = ("auto", "device", "stream")
@@ -117,6 +119,10 @@ class DataConfig:
     resize_size: int = 256
     # The side of that square: what the model sees.
     crop_size: int = 224
+    # A share of the training split held out, with its noisy labels, and scored each epoch
+    # (val_acc): a validation signal without clean labels. The same samples for any seed of
+    # training and any world size; 0: none (the paper's protocol).
+    val_fraction: float = 0.0
 
     def __post_init__(self):
         _choice("data.name", self.name, DATASETS)
@@ -138,6 +144,7 @@ class DataConfig:
         _choice("data.verify", self.verify, VERIFY)
         _positive("data.resize_size", self.resize_size)
         _positive("data.crop_size", self.crop_size)
+        _range("data.val_fraction", self.val_fraction, 0.0, 0.5, hi_open=False)
         if self.crop_size > self.resize_size:
             raise ConfigError(f"data.crop_size: {self.crop_size} is larger than data.resize_size "
                               f"{self.resize_size}")
@@ -189,8 +196,12 @@ class MethodConfig:
     name: str = "jocor"
     # The reference's code default; the authors advise 0.5-0.9 per dataset (configs/ say which).
     co_lambda: float = 0.1
-    # tau: null = the noise rate (half of it for asymmetric noise), as in the reference.
-    forget_rate: Optional[float] = None
+    # tau: null = the noise rate (half of it for asymmetric noise), as in the reference;
+    # auto = estimated from the data while the pair trains (docs/methods.md), the default
+    # where the noise rate is unknown (noise.type: file, labels that came noisy).
+    forget_rate: Optional[Union[float, str]] = None
+    # auto: the tau used until the first estimate, and where the estimator cannot decide.
+    forget_rate_fallback: float = 0.2
     # Tk: epochs over which the forget rate ramps linearly from 0 to tau**c.
     num_gradual: int = 10
     # c: the ramp reaches tau**c.
@@ -202,8 +213,14 @@ class MethodConfig:
     def __post_init__(self):
         _choice("method.name", self.name, METHODS)
         _range("method.co_lambda", self.co_lambda, 0.0, 1.0, hi_open=False)
-        if self.forget_rate is not None:
+        if isinstance(self.forget_rate, str):
+            _choice("method.forget_rate", self.forget_rate, FORGET_RATE_WORDS)
+            if self.name in NO_FORGET_RATE:
+                raise ConfigError(f"method.forget_rate: auto: method.name={self.name} selects no small-loss "
+                                  f"share, so it takes no forget rate; use jocor, coteaching or coteaching_plus")
+        elif self.forget_rate is not None:
             _range("method.forget_rate", self.forget_rate, 0.0, 1.0)
+        _range("method.forget_rate_fallback", self.forget_rate_fallback, 0.0, 1.0)
         _at_least("method.num_gradual", self.num_gradual, 0)
         _above("method.exponent", self.exponent, 0)
         _at_least("method.init_epoch", self.init_epoch, 0)
@@ -317,15 +334,22 @@ class Config:
 
     def __post_init__(self):
         _choice("selection", self.selection, SELECTIONS)
-        if self.method.forget_rate is None and self.noise.type == "file":
-            raise ConfigError("method.forget_rate: must be set when noise.type is 'file' "
-                              "(the noise rate of a label file is not known in advance)")
 
     @property
-    def forget_rate(self) -> float:
-        """tau: the final share of each batch left out of the update."""
+    def auto_forget_rate(self) -> bool:
+        """Whether tau is estimated: asked for, or the default where the noise rate is unknown
+        (a label file; the trainer also sets it for shards whose labels came noisy)."""
+        if self.method.name in NO_FORGET_RATE:
+            return False
+        return self.method.forget_rate == "auto" or (self.method.forget_rate is None and self.noise.type == "file")
+
+    @property
+    def forget_rate(self) -> Optional[float]:
+        """tau: the final share of each batch left out of the update (None: auto, estimated)."""
+        if self.auto_forget_rate:
+            return None
         if self.method.forget_rate is not None:
-            return self.method.forget_rate
+            return float(self.method.forget_rate)
         if self.noise.type == "asymmetric":
             return self.noise.rate / 2
         return self.noise.rate

@@ -83,18 +83,20 @@ def _constraints(cls: type) -> dict[str, str]:
         if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.args
                 and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)):
             continue
-        key, fn = call.args[0].value, call.func.id
+        key, fn, text = call.args[0].value, call.func.id, None
         if fn == "_choice" and isinstance(call.args[2], ast.Name):
             allowed = getattr(config_module, call.args[2].id)
-            out[key] = ", ".join(f"`{a}`" for a in allowed)
+            text = ", ".join(f"`{a}`" for a in allowed)
         elif fn == "_range":
             lo, hi = (ast.literal_eval(a) for a in call.args[2:4])
             closed = any(k.arg == "hi_open" and ast.literal_eval(k.value) is False for k in call.keywords)
-            out[key] = f"[{lo}, {hi}{']' if closed else ')'}"
+            text = f"[{lo}, {hi}{']' if closed else ')'}"
         elif fn == "_positive":
-            out[key] = "> 0"
+            text = "> 0"
         elif fn in ("_above", "_at_least"):
-            out[key] = f"{'>' if fn == '_above' else '>='} {ast.literal_eval(call.args[2])}"
+            text = f"{'>' if fn == '_above' else '>='} {ast.literal_eval(call.args[2])}"
+        if text:  # a key checked two ways (a number or a word) allows either
+            out[key] = f"{out[key]} or {text}" if key in out else text
     return out
 
 

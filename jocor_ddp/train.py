@@ -6,17 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .checkpoint import CheckpointError
 from .config import ConfigError, dump_config, load_config
-from .data import DataError
-from .dist import RemoteError, close_distributed, init_distributed
-from .preemption import Preempted
+from .job import error_line, run_job
 from .reference import config_reference, replace_reference
-from .step import CaptureError, NonFiniteError
 from .trainer import Trainer
-
-# Errors every rank reaches on the same input: each rank says it, none waits for the others.
-EXPECTED = (ConfigError, DataError, NonFiniteError, CheckpointError, RemoteError, CaptureError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,12 +29,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def is_collective_failure(exc: BaseException) -> bool:
-    text = str(exc)
-    return any(s in text for s in ("Timed out", "timed out", "Connection closed", "Connection reset",
-                                   "NCCL", "Gloo", "gloo"))
-
-
 def write_reference(target: str) -> int:
     if target == "-":
         print(config_reference(), end="")
@@ -55,44 +42,18 @@ def write_reference(target: str) -> int:
     return 0
 
 
-def error_line(text: str) -> None:
-    """One write for the whole line: the ranks share torchrun's stderr and often fail at the
-    same moment (print's separate newline would let their lines interleave)."""
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.config_reference:
         return write_reference(args.config_reference)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(dump_config(cfg), end="")
+    if args.print_config:
+        try:
+            print(dump_config(load_config(args.config, args.overrides)), end="")
             return 0
-        ctx = init_distributed(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    try:
-        Trainer(cfg, ctx).fit()
-        return 0
-    except Preempted as exc:
-        if ctx.is_main:
-            print(f"jocor_ddp: {exc}; rerun the same command to continue", flush=True)
-        return 0
-    except EXPECTED as exc:
-        error_line(f"error (rank {ctx.rank}): {exc}")
-        return 2
-    except RuntimeError as exc:
-        if not is_collective_failure(exc):
-            raise
-        error_line(f"error (rank {ctx.rank}): a collective did not complete (a peer died, hangs or is "
-                   f"unreachable; dist.timeout_s={cfg.dist.timeout_s:g}): {str(exc).splitlines()[0]}")
-        return 3
-    finally:
-        close_distributed()
+        except ConfigError as exc:
+            error_line(f"error: {exc}")
+            return 2
+    return run_job(args.config, args.overrides, lambda cfg, ctx: Trainer(cfg, ctx).fit())
 
 
 if __name__ == "__main__":

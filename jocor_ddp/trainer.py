@@ -7,7 +7,6 @@ and epoch ends, and saves and restores everything it owns.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -18,12 +17,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import __version__
+from .autorate import AutoForgetRate, score_evidence
 from .checkpoint import (CheckpointError, checkpoint_dir, find_resume, list_checkpoints, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
-from .config import Config, ConfigError, dump_config
+from .config import NO_FORGET_RATE, Config, ConfigError
 from .data import DataBundle, agree_on_error, build_data
 from .dist import DistContext, agree, all_gather_objects, all_reduce_sum, broadcast_buffers, max_over_ranks
 from .models import ModelPair, build_pair, unwrap
+from .runlog import RunLog
+from .noise_rate import MIN_SAMPLES_PER_CLASS
 from .preemption import Preempted, StopFlag
 from .progress import Progress, progress_enabled
 from .schedule import forget_rate_schedule, lr_beta1_schedule
@@ -63,8 +65,9 @@ class Trainer:
         self.sync_every = resolve_sync_every(cfg, ctx.device)
         self.step = TrainStep(cfg, ctx, self.model, self.pair, self.data.train, self.data.train.num_samples,
                               self.precision, memory_format)
-        self.forget_rates = forget_rate_schedule(cfg.forget_rate, cfg.train.epochs,
-                                                 cfg.method.num_gradual, cfg.method.exponent)
+        self.auto = self._auto_forget_rate()
+        self.forget_rates = self.auto.schedule() if self.auto else forget_rate_schedule(
+            cfg.forget_rate, cfg.train.epochs, cfg.method.num_gradual, cfg.method.exponent)
         self.lrs, self.beta1s = lr_beta1_schedule(cfg.train.lr, cfg.train.epochs,
                                                   cfg.train.epoch_decay_start)
         self.epoch = 0          # 0-based index of the epoch in progress
@@ -73,32 +76,25 @@ class Trainer:
         # Per training sample: bit j set = kept in the j-th most recent finished epoch.
         self.kept_history = torch.zeros(self.data.train.num_samples, dtype=torch.int64, device=ctx.device)
         self.kept_history_epochs = 0
-        # Rank 0 writes; a failure (an unwritable run.dir) is raised on every rank.
-        agree(ctx, self._prepare_run_dir)
-        self.tensorboard = self._open_tensorboard()
+        self.runlog = RunLog(cfg, ctx, self.data.noise.to_dict() if self.data.noise is not None else None)
 
     @property
     def global_step(self) -> int:
         return self.step.global_step
 
-    def _prepare_run_dir(self) -> None:
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
-            if self.data.noise is not None:
-                (self.run_dir / "noise.json").write_text(json.dumps(self.data.noise.to_dict(), indent=1))
-        except OSError as exc:
-            raise ConfigError(f"run.dir: cannot write the run folder {self.run_dir}: {exc}") from None
-
-    def _open_tensorboard(self):
-        if not self.cfg.log.tensorboard:
+    def _auto_forget_rate(self) -> Optional[AutoForgetRate]:
+        """The estimator when tau is auto: asked for, or left unset where the noise rate is
+        unknown (a label file, shards whose labels came noisy)."""
+        cfg, m = self.cfg, self.cfg.method
+        unknown = m.forget_rate is None and self.data.labels_noisy and m.name not in NO_FORGET_RATE
+        if not (cfg.auto_forget_rate or unknown):
             return None
-        try:  # checked on every rank (the same environment), so no rank waits for a failed one
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError("log.tensorboard: true needs the tensorboard package: "
-                              "pip install -e .[tensorboard]") from None
-        return SummaryWriter(str(self.run_dir / "tensorboard")) if self.ctx.is_main else None
+        n, c = self.data.train.num_samples, self.data.num_classes
+        if n < MIN_SAMPLES_PER_CLASS * c:
+            raise ConfigError(f"method.forget_rate: auto needs at least {MIN_SAMPLES_PER_CLASS} training samples "
+                              f"per class to estimate the noise rate ({MIN_SAMPLES_PER_CLASS * c} for {c} classes); "
+                              f"this run trains on {n}: set method.forget_rate to a number")
+        return AutoForgetRate(cfg, c)
 
     # --- one epoch ------------------------------------------------------------------
 
@@ -191,40 +187,45 @@ class Trainer:
         # buffers only before a forward): score with rank 0's, the ones the checkpoint keeps.
         broadcast_buffers(self.ctx, self.pair)
         self.pair.eval()
-        dev = self.ctx.device
-        counts = torch.zeros(3, dtype=torch.float64, device=dev)  # correct1, correct2, scored
         start = time.perf_counter()
-        for batch in self.data.test:
-            with autocast(self.precision, self.ctx.device):
-                logits1, logits2 = self.pair(batch.x)
-            counts[0] += (logits1.argmax(1) == batch.y).sum()
-            counts[1] += (logits2.argmax(1) == batch.y).sum()
-            counts[2] += batch.y.shape[0]
-        correct1, correct2, scored = all_reduce_sum(self.ctx, counts).tolist()
-        if int(scored) != self.data.test_samples:
-            raise RuntimeError(f"evaluation scored {int(scored)} samples, the test split has "
+        row = self._accuracy("test", self.data.test)
+        if row["test_samples"] != self.data.test_samples:
+            raise RuntimeError(f"evaluation scored {row['test_samples']} samples, the test split has "
                                f"{self.data.test_samples}")
-        return {"test_acc1": 100.0 * correct1 / scored, "test_acc2": 100.0 * correct2 / scored,
-                "test_samples": int(scored), "eval_s": time.perf_counter() - start}
+        if self.data.val is not None:  # accuracy against the held-out samples' noisy labels
+            row.update(self._accuracy("val", self.data.val))
+        row["eval_s"] = time.perf_counter() - start
+        return row
 
-    # --- the run --------------------------------------------------------------------
+    def _scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.precision, self.ctx.device):
+            return self.pair(x)
 
-    def log(self, row: dict) -> None:
-        if not self.ctx.is_main:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tensorboard is not None:
-            for key, value in row.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, row["epoch"])
-            self.tensorboard.flush()
-        precision = row["label_precision"]
-        precision_s = f"{100 * precision:.2f}%" if precision is not None else "n/a"
-        print(f"epoch {row['epoch']:>3}/{self.cfg.train.epochs}  lr {row['lr']:.2e}  "
-              f"forget {row['forget_rate']:.3f}  loss {row['train_loss']:.4f}  "
-              f"label precision {precision_s}  test acc {row['test_acc1']:.2f}% / {row['test_acc2']:.2f}%  "
-              f"{row['samples_per_s']:.0f} samples/s  {row['epoch_s']:.1f}s", flush=True)
+    def _accuracy(self, name: str, batches) -> dict:
+        """Both networks' accuracy over a split, every sample scored once (a collective)."""
+        counts = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)  # correct1, correct2, scored
+        for batch in batches:
+            logits1, logits2 = self._scores(batch.x)
+            counts += torch.stack([(logits1.argmax(1) == batch.y).sum(), (logits2.argmax(1) == batch.y).sum(),
+                                   torch.tensor(batch.y.shape[0], device=counts.device)]).double()
+        correct1, correct2, scored = all_reduce_sum(self.ctx, counts).tolist()
+        return {f"{name}_acc1": 100.0 * correct1 / max(scored, 1), f"{name}_acc2": 100.0 * correct2 / max(scored, 1),
+                f"{name}_samples": int(scored)}
+
+    @torch.no_grad()
+    def estimate_noise(self, epoch: int) -> dict:
+        """method.forget_rate auto: score every training sample once, unaugmented, estimate the
+        noise rate (the same on every rank) and reschedule the forget rate from it."""
+        broadcast_buffers(self.ctx, self.pair)
+        self.pair.eval()
+        start = time.perf_counter()
+        row = self.auto.observe(self.ctx, epoch, score_evidence(self.data.train_eval, self._scores))
+        row["estimate_s"] = time.perf_counter() - start  # the scoring pass and the estimate
+        self.forget_rates = self.auto.schedule()
+        line = self.auto.undecided_line(row)
+        if line and self.ctx.is_main:
+            print(line, flush=True)
+        return row
 
     # --- checkpoints ----------------------------------------------------------------
 
@@ -262,6 +263,7 @@ class Trainer:
             "kept_history": self.kept_history.cpu(),
             "kept_history_epochs": self.kept_history_epochs,
             "kept_epoch": self.step.counters.kept_epoch.cpu(),
+            "forget_rate_auto": self.auto.state_dict() if self.auto else None,
             "data_meta": {"name": self.data.name, "classes": list(self.data.classes),
                           "in_channels": self.data.in_channels, "image_size": self.data.image_size,
                           "normalization": self.data.normalization},
@@ -285,7 +287,7 @@ class Trainer:
         if self.ctx.is_main:
             print(f"resumed from {chosen}: epoch {state['epoch'] + 1}, step {state['step_in_epoch']}, "
                   f"global step {state['global_step']}", flush=True)
-            self._truncate_metrics(state["epoch"])
+            self.runlog.truncate(state["epoch"])
         return state["epoch"], state["step_in_epoch"], state["epoch_counters"]
 
     def _start_fresh(self) -> None:
@@ -301,7 +303,7 @@ class Trainer:
             folder.rename(aside)
             reason = "none could be loaded" if self.cfg.train.resume == "auto" else "train.resume=never"
             print(f"warning: starting fresh ({reason}); the earlier checkpoints were moved to {aside}", flush=True)
-        self._truncate_metrics(0)
+        self.runlog.truncate(0)
 
     def _load_state(self, state: dict, path: str) -> dict:
         saved_batch = state["config"]["train"]["batch_size"]
@@ -327,22 +329,14 @@ class Trainer:
             self.kept_history.copy_(state["kept_history"])
             self.step.counters.kept_epoch.copy_(state["kept_epoch"])
             self.kept_history_epochs = state["kept_history_epochs"]
+        if self.auto is not None:
+            self.auto.load_state_dict(state.get("forget_rate_auto"))
+            self.forget_rates = self.auto.schedule()
         self.step.global_step = state["global_step"]
         self.skipped_steps = state["skipped_steps"]
         rngs = state["rng"]
         set_rng_state(rngs[self.ctx.rank % len(rngs)])
         return state
-
-    def _truncate_metrics(self, completed_epochs: int) -> None:
-        """Drop rows of epochs after the checkpoint: a crash between a row and its checkpoint
-        must not leave the row twice once the epoch is trained again."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
-        keep = [line for line in rows if json.loads(line)["epoch"] <= completed_epochs]
-        if len(keep) != len(rows):
-            path.write_text("".join(line + "\n" for line in keep))
 
     # --- the run --------------------------------------------------------------------
 
@@ -357,8 +351,10 @@ class Trainer:
             for epoch in range(start_epoch, self.cfg.train.epochs):
                 row = self.train_epoch(epoch, start_step, counters)
                 start_step, counters = 0, None
+                if self.auto is not None and self.auto.wants(epoch):
+                    row.update(self.estimate_noise(epoch))
                 row.update(self.evaluate())
-                self.log(row)
+                self.runlog.write(row, f" ({self.auto.describe(row)})" if "noise_estimate" in row else "")
                 self.save(epoch + 1, 0)
                 rows.append(row)
                 stop = self._sync_point()
@@ -367,19 +363,23 @@ class Trainer:
                                     f"checkpoint written")
         finally:
             self.stop.restore()
-            if self.tensorboard is not None:
-                self.tensorboard.close()
+            self.runlog.close()
         return rows
 
     def _announce(self) -> None:
         if not self.ctx.is_main:
             return
         n = self.data.train.num_samples
+        held = getattr(self.data.val, "num_samples", 0)  # data.val_fraction: held out, scored each epoch
+        n_s = f"{n - held} train + {held} validation" if held else f"{n} train"
         noise = self.data.noise
         noise_s = (f"{noise.type} {noise.rate:g} (actual {100 * noise.actual_rate:.2f}% wrong)"
                    if noise is not None else "given labels")
-        print(f"jocor_ddp: {self.cfg.data.name} ({n} train / {self.data.test_samples} test), "
+        print(f"jocor_ddp: {self.cfg.data.name} ({n_s} / {self.data.test_samples} test), "
               f"{self.cfg.model.arch} pair, noise {noise_s}, {self.ctx.world_size} rank(s) on "
               f"{self.ctx.device.type}, global batch {self.cfg.train.batch_size}, "
               f"{self.data.train.steps_per_epoch} steps/epoch, selection {self.cfg.selection}, "
               f"precision {self.precision}, step {self.step.describe()}", flush=True)
+        if self.auto is not None:
+            print(f"forget rate: auto, estimated from the data at the end of epochs 1-{self.auto.last_epoch + 1} "
+                  f"(method.num_gradual), {self.auto.fallback:g} until then", flush=True)

@@ -17,7 +17,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # metrics.jsonl fields that measure time: they differ between otherwise identical runs.
-TIME_FIELDS = {"epoch_s", "samples_per_s", "eval_s"}
+TIME_FIELDS = {"epoch_s", "samples_per_s", "eval_s", "estimate_s"}
 
 
 def metric_rows(run_dir: Path) -> list[dict]:

@@ -26,6 +26,13 @@ BAD = [
     (["data.source=shards"], r"data\.shards: must name the shard folder"),
     (["train.on_nonfinite=ignore"], r"train\.on_nonfinite"),
     (["dist.timeout_s=0"], r"dist\.timeout_s"),
+    (["method.forget_rate=sometimes"], r"method\.forget_rate: 'sometimes' is not one of 'auto'"),
+    (["method.forget_rate=auto", "method.name=standard"],
+     r"method\.forget_rate: auto: method\.name=standard selects no small-loss share"),
+    (["method.forget_rate=auto", "method.name=decoupling"], r"method\.forget_rate: auto: method\.name=decoupling"),
+    (["method.forget_rate_fallback=1.0"], r"method\.forget_rate_fallback: 1\.0 is outside"),
+    (["data.val_fraction=0.6"], r"data\.val_fraction: 0\.6 is outside \[0\.0, 0\.5\]"),
+    (["data.val_fraction=-0.1"], r"data\.val_fraction: -0\.1 is outside"),
 ]
 
 
@@ -62,6 +69,15 @@ def test_forget_rate_defaults_follow_the_reference():
     assert load_config(None, ["noise.rate=0.5"]).forget_rate == 0.5
     assert load_config(None, ["noise.type=asymmetric", "noise.rate=0.4"]).forget_rate == 0.2
     assert load_config(None, ["noise.rate=0.4", "method.forget_rate=0.3"]).forget_rate == 0.3
+
+
+def test_forget_rate_auto_is_asked_for_or_the_default_for_label_files():
+    auto = load_config(None, ["method.forget_rate=auto"])
+    assert auto.auto_forget_rate and auto.forget_rate is None
+    # A label file's noise rate is unknown: auto unless a number is given.
+    assert load_config(None, ["noise.type=file", "noise.file=x.npy"]).auto_forget_rate
+    assert load_config(None, ["noise.type=file", "noise.file=x.npy", "method.forget_rate=0.3"]).forget_rate == 0.3
+    assert not load_config(None, ["noise.rate=0.5"]).auto_forget_rate
 
 
 def test_cli_reports_config_error_without_traceback():

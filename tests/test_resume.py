@@ -1,7 +1,9 @@
 """Exact resume under faults: real SIGKILL, SIGTERM and torchrun restarts, 2 ranks (gloo).
 
 Every interrupted run must end where the uninterrupted run A ends: the same parameters,
-bit for bit, and the same metrics.jsonl rows (time fields aside)."""
+bit for bit, and the same metrics.jsonl rows (time fields aside). Every run here estimates
+its forget rate (method.forget_rate: auto, rows with the estimate and its evidence) and
+holds out a noisy validation split (val_acc in every row): both resume exactly too."""
 
 
 import pytest
@@ -17,7 +19,7 @@ def _args(data, run_dir, *extra):
     return ["-m", "jocor_ddp.train", "data.name=mnist", f"data.root={data}", "model.arch=mlp",
             "train.batch_size=32", f"train.epochs={EPOCHS}", "method.num_gradual=2", "noise.rate=0.4",
             "checkpoint.every_steps=3", "checkpoint.keep=20", "log.progress=never", f"run.dir={run_dir}",
-            *extra]
+            "method.forget_rate=auto", "data.val_fraction=0.1111", *extra]
 
 
 def _final_model(run_dir):
@@ -37,14 +39,17 @@ def assert_same_run(run_dir, reference_dir):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=64)
+    # 288 samples, 32 held out for validation: 256 train, 8 steps of 32 an epoch.
+    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=288, n_test=64)
 
 
 @pytest.fixture(scope="module")
 def run_a(data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run_a")
     run_torchrun(2, _args(data, run_dir))
-    assert len(metric_rows(run_dir)) == EPOCHS
+    rows = metric_rows(run_dir)
+    assert len(rows) == EPOCHS and all(r["val_samples"] == 32 for r in rows)
+    assert [("forget_rate_estimate" in r) for r in rows] == [True, True, False]  # num_gradual=2
     return run_dir
 
 
@@ -181,8 +186,16 @@ def stream_run_a(data, shard_args, tmp_path_factory):
 
 def test_the_stream_trains_exactly_like_the_memory_source(stream_run_a, run_a):
     """Same order, same pixels (PNG shards decode to the IDX pixels), same labels: the
-    streamed run under 2 ranks is the in-memory run, bit for bit."""
+    streamed run under 2 ranks is the in-memory run, bit for bit (the noise estimates and the
+    validation accuracy included)."""
     assert_same_run(stream_run_a, run_a)
+
+
+def test_the_device_cache_trains_exactly_like_the_memory_source(data, shard_args, run_a, tmp_path):
+    """The third source: the shards decoded once into the device cache."""
+    cached = [a.replace("data.cache=stream", "data.cache=device") for a in shard_args]
+    run_torchrun(2, _args(data, tmp_path / "run", *cached))
+    assert_same_run(tmp_path / "run", run_a)
 
 
 @pytest.mark.parametrize("fault", ["crash:1:13", "sigterm:0:13"])

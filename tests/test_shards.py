@@ -387,10 +387,19 @@ def test_gpu_decode_needs_cuda(clean_shards):
         build(clean_shards, gpu_decode=True)
 
 
-def test_noisy_label_shards_need_a_forget_rate(tmp_path):
-    """Clothing1M's labels are the noisy ones: tau cannot default to noise.rate (0)."""
+def test_noisy_label_shards_estimate_the_forget_rate(tmp_path):
+    """Clothing1M's labels are the noisy ones: tau cannot default to noise.rate (0), so it is
+    estimated (method.forget_rate: auto) unless set. Eight samples are too few to estimate
+    from: the error proves auto was chosen, and names the key."""
+    from jocor_ddp.trainer import Trainer
     shards, _ = clothing1m_shards(tmp_path, n_train=8, shard_size=4)
     cfg = cfg_for(shards, dataset="clothing1m", cache="stream", num_workers=0, resize_size=36, crop_size=32)
     cfg.noise.type, cfg.noise.rate = "none", 0.0
-    with pytest.raises(ConfigError, match="method.forget_rate: clothing1m's labels are already noisy"):
-        open_shards(cfg, CPU)
+    cfg.model.arch, cfg.train.batch_size, cfg.run.dir = "mlp", 4, str(tmp_path / "run")
+    assert open_shards(cfg, CPU).noise is None
+    with pytest.raises(ConfigError, match=r"method.forget_rate: auto needs at least 20 training samples per "
+                                          r"class to estimate the noise rate \(280 for 14 classes\); this run "
+                                          r"trains on 8"):
+        Trainer(cfg, CPU)
+    cfg.method.forget_rate = 0.2
+    assert Trainer(cfg, CPU).auto is None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..config import Config, ConfigError
 from ..dist import DistContext
 from ..noise import make_noisy_labels
-from .memory import Lazy, MemoryEvalLoader, MemoryTrainLoader
+from .memory import Lazy, MemoryEvalLoader, MemoryTrainLoader, held_out
 from .place import native_geometry
 from .sources import DataError, load_arrays, subset
 from .types import Batch, DataBundle, EvalBatch, agree_on_error
@@ -45,6 +47,7 @@ def _build_shards(cfg: Config, ctx: DistContext) -> DataBundle:
     bundle = DataBundle(name=m.dataset, classes=m.classes, in_channels=data.geo.channels,
                         image_size=data.geo.side, train=loaders.train, test=loaders.test,
                         test_samples=loaders.test_samples, noise=data.noise, train_eval=loaders.train_eval,
+                        val=loaders.val, labels_noisy=m.labels == "noisy",
                         normalization=normalization,
                         extra={"shards": str(m.root), "cache": cache, "eval_split": cfg.data.eval_split})
     if isinstance(loaders.test, StreamEvalLoader):
@@ -58,18 +61,23 @@ def _build_memory(cfg: Config, ctx: DistContext) -> DataBundle:
     test = subset(arrays.test, cfg.data.test_subset)
     # Noise is drawn on the whole training split, before it is divided among ranks.
     noisy, info = make_noisy_labels(cfg.noise, train.labels, arrays.num_classes, cfg.data.name)
+    val = held_out(len(noisy), cfg.data.val_fraction)
+    rows, val_rows = np.flatnonzero(~val), np.flatnonzero(val)
+
+    def part(r, **kw):  # the training rows or the validation rows, indexed as in the split
+        return MemoryEvalLoader(train.images[r], noisy[r], rank=ctx.rank, world_size=ctx.world_size,
+                                device=ctx.device, clean=train.labels[r], sample_idx=r, **kw)
     try:
         train_loader = MemoryTrainLoader(
-            train.images, noisy, train.labels, global_batch=cfg.train.batch_size,
-            rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
-            device=ctx.device, geo=native_geometry(train.images, cfg.data.augment))
+            train.images[rows], noisy[rows], train.labels[rows], global_batch=cfg.train.batch_size,
+            rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed, device=ctx.device,
+            geo=native_geometry(train.images, cfg.data.augment), sample_idx=rows, num_samples=len(noisy))
     except ValueError as exc:
         raise DataError(f"{cfg.data.name}: {exc}") from None
     test_loader = MemoryEvalLoader(test.images, test.labels, rank=ctx.rank,
                                    world_size=ctx.world_size, device=ctx.device)
-    train_eval = Lazy(lambda: MemoryEvalLoader(train.images, noisy, rank=ctx.rank, world_size=ctx.world_size,
-                                               device=ctx.device, clean=train.labels))
     _, h, _, c = train.images.shape
     return DataBundle(name=cfg.data.name, classes=arrays.classes, in_channels=c, image_size=h,
                       train=train_loader, test=test_loader, test_samples=len(test), noise=info,
-                      train_eval=train_eval, normalization=None)
+                      train_eval=Lazy(lambda: part(rows)), val=part(val_rows) if len(val_rows) else None,
+                      normalization=None)

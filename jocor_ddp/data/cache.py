@@ -48,11 +48,13 @@ def decode_split(cfg: Config, ctx: DistContext, data: ShardData, pool: DecodePoo
 
 def cached_loaders(cfg: Config, ctx: DistContext, data: ShardData, pool: DecodePool) -> Loaders:
     try:
-        train_images, train_ok = decode_split(cfg, ctx, data, pool, "train", data.train_keep)
+        train_images, decoded = decode_split(cfg, ctx, data, pool, "train", data.train_keep | data.val_keep)
         test_images, test_ok = decode_split(cfg, ctx, data, pool, cfg.data.eval_split, data.test_keep)
     finally:
         pool.close()  # the cache needs no workers from here on
-    train_idx, test_idx = np.flatnonzero(train_ok), np.flatnonzero(test_ok)
+    train_ok = decoded & data.train_keep
+    train_idx, test_idx, val_idx = np.flatnonzero(train_ok), np.flatnonzero(test_ok), np.flatnonzero(decoded & data.val_keep)
+    val_images = train_images[val_idx]
     if len(train_idx) < len(train_images):  # a copy only when samples were left out
         train_images = train_images[train_idx]
     if len(test_idx) < len(test_images):
@@ -68,7 +70,9 @@ def cached_loaders(cfg: Config, ctx: DistContext, data: ShardData, pool: DecodeP
     eval_batch = 1000 if data.geo.native else 128
     test = MemoryEvalLoader(test_images, data.test_labels[test_idx], rank=ctx.rank,
                             world_size=ctx.world_size, device=ctx.device, batch_size=eval_batch, geo=data.geo)
-    train_eval = MemoryEvalLoader(train_images, data.noisy[train_idx], rank=ctx.rank,
-                                  world_size=ctx.world_size, device=ctx.device, batch_size=eval_batch,
-                                  clean=data.clean[train_idx], geo=data.geo, sample_idx=train_idx)
-    return Loaders(train, test, len(test_idx), train_eval)
+
+    def part(images, idx):  # training or validation samples, unaugmented, as Batches
+        return MemoryEvalLoader(images, data.noisy[idx], rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+                                batch_size=eval_batch, clean=data.clean[idx], geo=data.geo, sample_idx=idx)
+    return Loaders(train, test, len(test_idx), part(train_images, train_idx),
+                   part(val_images, val_idx) if len(val_idx) else None)

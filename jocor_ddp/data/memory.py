@@ -19,8 +19,19 @@ from .place import Geometry, Placement, crop_params, native_geometry
 from .types import Batch, EvalBatch
 
 
+# The validation split's own seed: the same held-out samples whatever train.seed and world size.
+VAL_SEED = 1955
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def held_out(n: int, fraction: float) -> np.ndarray:
+    """Per sample of the training split: held out as the noisy validation split (data.val_fraction)."""
+    out = np.zeros(n, dtype=bool)
+    out[np.random.default_rng([VAL_SEED, n]).permutation(n)[:int(round(fraction * n))]] = True
+    return out
 
 
 def nchw(images: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -12,6 +12,7 @@ import numpy as np
 from ..config import Config, ConfigError
 from ..dist import DistContext
 from ..noise import NoiseInfo, make_noisy_labels
+from .memory import held_out
 from .place import Geometry, geometry
 from .shards import Manifest, SplitIndex, load_manifest, verify_split
 from .sources import DataError, warn
@@ -24,7 +25,8 @@ class ShardData:
     geo: Geometry
     train: SplitIndex
     test: SplitIndex
-    train_keep: np.ndarray  # by sample index: in the subset and not a known bad sample
+    train_keep: np.ndarray  # by sample index: in the subset, not a known bad sample, not held out
+    val_keep: np.ndarray    # by sample index: held out as the validation split (data.val_fraction)
     test_keep: np.ndarray
     train_bad: int          # known bad samples left out (data.on_bad_sample: skip)
     test_bad: int
@@ -55,12 +57,8 @@ def _labels(cfg: Config, manifest: Manifest, split: SplitIndex, keep: np.ndarray
     if manifest.labels == "noisy":
         if cfg.noise.type != "none":
             raise ConfigError(f"noise.type: {manifest.dataset}'s labels are already noisy; set "
-                              f"noise.type=none noise.rate=0 (and method.forget_rate)")
-        if cfg.method.forget_rate is None:
-            # tau would default to the synthetic noise rate, 0: JoCoR would keep every sample.
-            raise ConfigError(f"method.forget_rate: {manifest.dataset}'s labels are already noisy, so "
-                              f"the forget rate cannot follow noise.rate; set it (e.g. 0.38 for Clothing1M)")
-        return cls, clean, None
+                              f"noise.type=none noise.rate=0 (tau is then estimated: method.forget_rate auto)")
+        return cls, clean, None  # no synthetic noise: the trainer estimates tau unless it is set
     # Labels left out as bad are drawn as class 0: each sample's noisy label depends on its
     # own clean label and its own uniform only, so every other sample's is unchanged.
     safe = np.where(keep[:n], cls, 0)
@@ -79,8 +77,11 @@ def open_shards(cfg: Config, ctx: DistContext) -> ShardData:
     train_keep, train_bad = _usable(train, cfg.data.train_subset, c, skip, ctx)
     test_keep, test_bad = _usable(test, cfg.data.test_subset, c, skip, ctx)
     noisy, clean, info = _labels(cfg, manifest, train, train_keep)
-    return ShardData(manifest, geometry(cfg, manifest), train, test, train_keep, test_keep, train_bad,
-                     test_bad, noisy, clean, test.by_idx("cls"), info)
+    val = held_out(len(noisy), cfg.data.val_fraction)
+    val_keep = np.zeros_like(train_keep)
+    val_keep[:len(val)] = train_keep[:len(val)] & val
+    return ShardData(manifest, geometry(cfg, manifest), train, test, train_keep & ~val_keep, val_keep, test_keep,
+                     train_bad, test_bad, noisy, clean, test.by_idx("cls"), info)
 
 
 def choose_cache(cfg: Config, data: ShardData) -> str:
@@ -96,3 +97,4 @@ class Loaders(NamedTuple):
     test: object
     test_samples: int
     train_eval: object  # every training sample once, unaugmented, as Batches
+    val: object         # the held-out samples (data.val_fraction) as Batches, or None

@@ -343,6 +343,6 @@ def stream_loaders(cfg, ctx: DistContext, data: ShardData, pool: DecodePool) -> 
     local = train.local_batch
     test = StreamEvalLoader(pool, cfg.data.eval_split, data.test, np.flatnonzero(data.test_keep), data.test_labels,
                             batch=local, **common)
-    train_eval = StreamEvalLoader(pool, "train", data.train, usable, data.noisy, batch=local, clean=data.clean,
-                                  **common)
-    return Loaders(train, test, test.num_samples, train_eval)
+    train_eval, val = (StreamEvalLoader(pool, "train", data.train, rows, data.noisy, batch=local, clean=data.clean,
+                                        **common) for rows in (usable, np.flatnonzero(data.val_keep)))
+    return Loaders(train, test, test.num_samples, train_eval, val if data.val_keep.any() else None)

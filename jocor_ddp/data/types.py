@@ -45,9 +45,14 @@ class DataBundle:
     test: Iterable[EvalBatch]
     test_samples: int
     noise: Optional[NoiseInfo] = None
+    # The given labels are the noisy ones (Clothing1M's shards): the noise rate is unknown.
+    labels_noisy: bool = False
     # A deterministic pass over every training sample (this rank's share), unaugmented, with
     # noisy and clean labels and indices: what evaluate / audit score the training split with.
     train_eval: Optional[Iterable[Batch]] = None
+    # The held-out share of the training split (data.val_fraction), with its noisy labels, as
+    # Batches; None when nothing is held out.
+    val: Optional[Iterable[Batch]] = None
     # How inputs were normalised after ToTensor (None: not at all), for export.
     normalization: Optional[dict] = None
     extra: dict = field(default_factory=dict)

@@ -1,0 +1,107 @@
+"""``method.forget_rate: auto``: the forget rate follows an estimate of the noise rate made
+while the pair trains.
+
+At the end of each of the first max(method.num_gradual, 1) epochs (the ramp, while the
+forget rate is still rising), the trainer scores every training sample once, unaugmented,
+and this module turns the gathered predictions into an estimate (``noise_rate.py``). The
+next epoch's forget rate is the ramp towards the newest estimate; the estimate made at
+the end of the ramp is final. Later epochs would see networks that fit more of the noisy
+labels, and a moving tau would move the selection under the run's feet.
+
+Where the estimator cannot decide, one line says why and the rate stays where it was: the
+previous estimate, or method.forget_rate_fallback before the first.
+
+Every rank gathers the same per-sample values (sorted by sample index), so every rank and
+any world size compute the same estimate; it travels in checkpoints, so a resumed run
+continues with the rate an uninterrupted one has.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+from .config import Config
+from .dist import DistContext, all_gather_objects
+from .noise_rate import NoiseEstimate, estimate_noise_rate, sample_evidence
+from .schedule import forget_rate_schedule
+
+
+class AutoForgetRate:
+    """The estimate, its history and the schedule it gives."""
+
+    def __init__(self, cfg: Config, num_classes: int):
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.fallback = cfg.method.forget_rate_fallback
+        self.estimate: Optional[float] = None   # the latest decided estimate
+        self.last_epoch = max(cfg.method.num_gradual, 1) - 1  # 0-based epoch of the final estimate
+        self.final = False
+
+    @property
+    def tau(self) -> float:
+        return self.estimate if self.estimate is not None else self.fallback
+
+    def schedule(self) -> np.ndarray:
+        m, t = self.cfg.method, self.cfg.train
+        return forget_rate_schedule(self.tau, t.epochs, m.num_gradual, m.exponent)
+
+    def wants(self, epoch: int) -> bool:
+        """Whether the end of (0-based) epoch ``epoch`` is estimated."""
+        return not self.final and epoch <= self.last_epoch
+
+    def observe(self, ctx: DistContext, epoch: int, evidence: Iterable[dict]) -> dict:
+        """Estimate from this rank's per-batch evidence (``noise_rate.sample_evidence`` plus
+        ``idx``), gathered from every rank; returns the metrics row's fields. A collective."""
+        parts = list(evidence)
+        mine = {key: np.concatenate([p[key] for p in parts]) if parts else np.zeros(0)
+                for key in ("idx", "pred", "score", "label", "against")}
+        gathered = all_gather_objects(ctx, mine)
+        merged = {key: np.concatenate([g[key] for g in gathered]) for key in mine}
+        order = np.argsort(merged["idx"], kind="stable")  # by sample index: any world size alike
+        est = estimate_noise_rate(merged["pred"][order].astype(np.int64), merged["score"][order],
+                                  merged["label"][order], merged["against"][order], self.num_classes)
+        self.final = epoch >= self.last_epoch
+        if est.rate is not None:
+            self.estimate = est.rate
+        return self.row(est)
+
+    def row(self, est: NoiseEstimate) -> dict:
+        evidence = est.evidence()
+        evidence.update(final=self.final, fallback=self.fallback if self.estimate is None else None)
+        return {"forget_rate_estimate": self.tau, "noise_estimate": evidence}
+
+    def describe(self, row: dict) -> str:
+        """The epoch line's words for an estimate row."""
+        ev = row["noise_estimate"]
+        if ev["undecided"]:
+            kept = "fallback" if ev["fallback"] is not None else "previous estimate"
+            return f"auto: undecided, tau {row['forget_rate_estimate']:.3f} ({kept})"
+        final = ", final" if ev["final"] else ""
+        return f"auto: noise estimate {row['forget_rate_estimate']:.3f} from {ev['anchors']} anchors{final}"
+
+    def undecided_line(self, row: dict) -> Optional[str]:
+        ev = row["noise_estimate"]
+        if not ev["undecided"]:
+            return None
+        use = (f"the fallback method.forget_rate_fallback={self.fallback:g}" if ev["fallback"] is not None
+               else f"the previous estimate {self.tau:.3f}")
+        return f"warning: forget_rate auto: cannot estimate the noise rate: {ev['undecided']}; using {use}"
+
+    def state_dict(self) -> dict:
+        return {"estimate": self.estimate, "final": self.final}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if state:
+            self.estimate, self.final = state["estimate"], state["final"]
+
+
+def score_evidence(batches: Iterable, score: Callable) -> Iterable[dict]:
+    """Per batch of the training split's unaugmented pass: ``score(x)`` gives the two
+    networks' logits; yields the per-sample evidence with the samples' indices."""
+    for batch in batches:
+        logits1, logits2 = score(batch.x)
+        ev = sample_evidence(logits1, logits2, batch.y)
+        ev["idx"] = batch.idx.cpu().numpy()
+        yield ev

@@ -1,0 +1,75 @@
+"""The run folder's record: config.yaml and noise.json when a run starts, one metrics.jsonl
+row per epoch (with TensorBoard scalars under log.tensorboard), the epoch line on stdout,
+and the rows of epochs a checkpoint does not hold dropped on resume. Rank 0 writes; a
+failure to write is raised on every rank."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from .config import Config, ConfigError, dump_config
+from .dist import DistContext, agree
+
+
+class RunLog:
+    def __init__(self, cfg: Config, ctx: DistContext, noise: Optional[dict]):
+        self.cfg, self.ctx = cfg, ctx
+        self.dir = Path(cfg.run.dir)
+        self.metrics = self.dir / "metrics.jsonl"
+        agree(ctx, lambda: self._prepare(noise))
+        self.tensorboard = self._open_tensorboard()
+
+    def _prepare(self, noise: Optional[dict]) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "config.yaml").write_text(dump_config(self.cfg))
+            if noise is not None:
+                (self.dir / "noise.json").write_text(json.dumps(noise, indent=1))
+        except OSError as exc:
+            raise ConfigError(f"run.dir: cannot write the run folder {self.dir}: {exc}") from None
+
+    def _open_tensorboard(self):
+        if not self.cfg.log.tensorboard:
+            return None
+        try:  # checked on every rank (the same environment), so no rank waits for a failed one
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("log.tensorboard: true needs the tensorboard package: "
+                              "pip install -e .[tensorboard]") from None
+        return SummaryWriter(str(self.dir / "tensorboard")) if self.ctx.is_main else None
+
+    def write(self, row: dict, forget_words: str = "") -> None:
+        """One epoch's row: metrics.jsonl, TensorBoard, and the epoch line (``forget_words``:
+        what follows the forget rate there, e.g. how method.forget_rate auto set it)."""
+        if not self.ctx.is_main:
+            return
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, row["epoch"])
+            self.tensorboard.flush()
+        precision = row["label_precision"]
+        precision_s = f"{100 * precision:.2f}%" if precision is not None else "n/a"
+        val_s = f"  val acc {row['val_acc1']:.2f}% / {row['val_acc2']:.2f}%" if "val_acc1" in row else ""
+        print(f"epoch {row['epoch']:>3}/{self.cfg.train.epochs}  lr {row['lr']:.2e}  "
+              f"forget {row['forget_rate']:.3f}{forget_words}  loss {row['train_loss']:.4f}  "
+              f"label precision {precision_s}  test acc {row['test_acc1']:.2f}% / {row['test_acc2']:.2f}%{val_s}  "
+              f"{row['samples_per_s']:.0f} samples/s  {row['epoch_s']:.1f}s", flush=True)
+
+    def truncate(self, completed_epochs: int) -> None:
+        """Drop rows of epochs after the checkpoint: a crash between a row and its checkpoint
+        must not leave the row twice once the epoch is trained again."""
+        if not self.metrics.is_file():
+            return
+        rows = [line for line in self.metrics.read_text().splitlines() if line.strip()]
+        keep = [line for line in rows if json.loads(line)["epoch"] <= completed_epochs]
+        if len(keep) != len(rows):
+            self.metrics.write_text("".join(line + "\n" for line in keep))
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()

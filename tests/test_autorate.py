@@ -1,0 +1,91 @@
+"""method.forget_rate: auto in real runs: the estimate on data with known noise, the same
+estimate under 1 and 2 ranks, the fallback line, and the errors that name the key.
+(Resume with auto, mid-epoch, is in test_resume.py: its runs all estimate tau.)"""
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import FASHION_MNIST, make_mnist, metric_rows, run_python, run_torchrun
+
+BASE = ["model.arch=mlp", "train.batch_size=32", "log.progress=never", "method.num_gradual=3",
+        "method.co_lambda=0.5"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=640, n_test=64)
+
+
+def _train(data, run_dir, *extra, nproc=1, check=True):
+    args = ["-m", "jocor_ddp.train", "data.name=mnist", f"data.root={data}", *BASE, f"run.dir={run_dir}", *extra]
+    return run_torchrun(nproc, args, check=check, timeout=240)
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist is not installed (tests/run.sh installs it)")
+@pytest.mark.parametrize("noise", [["noise.type=none", "noise.rate=0"], ["noise.rate=0.3"], ["noise.rate=0.6"],
+                                   ["noise.type=pairflip", "noise.rate=0.45"]])
+def test_estimate_noise_finds_the_rate_of_known_noise(tmp_path, noise):
+    """Real images (a 6,000-sample subset of Fashion-MNIST, 3 epochs): the estimate is
+    within 0.08 of the drawn labels' share of wrong ones, and nearer to it than the naive
+    share both networks predict against. (The full set over 10 epochs: within 0.05,
+    docs/methods.md.)"""
+    out = tmp_path / "estimate.json"
+    proc = run_python(["-m", "jocor_ddp.estimate_noise", "--config", "configs/fashion_mnist_sym50.yaml",
+                       "data.train_subset=6000", "train.batch_size=64", "log.progress=never", "method.num_gradual=3",
+                       *noise, "--out", str(out)], timeout=240)
+    result = json.loads(out.read_text())
+    assert len(result["epochs"]) == 3 and result["epochs"][-1]["final"]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"noise rate estimate: {result['estimate']:.3f}")
+    actual = float(line.split("actual ")[1].split()[0])  # the drawn labels' share of wrong ones
+    assert abs(result["estimate"] - actual) <= 0.08, proc.stdout
+    assert abs(result["estimate"] - actual) < abs(result["epochs"][-1]["disagreement"] - actual), proc.stdout
+
+
+def test_one_process_and_two_ranks_reach_the_same_estimate(data, tmp_path):
+    runs = {}
+    for nproc in (1, 2):
+        _train(data, tmp_path / f"run{nproc}", "noise.rate=0.4", "method.forget_rate=auto", "train.epochs=4",
+               nproc=nproc)
+        runs[nproc] = metric_rows(tmp_path / f"run{nproc}")
+    estimates = [[r.get("forget_rate_estimate") for r in runs[n]] for n in (1, 2)]
+    assert estimates[0] == estimates[1]
+    # Estimated at the end of epochs 1-3 (num_gradual=3), then final: no row after.
+    assert all(isinstance(e, float) for e in estimates[0][:3]) and estimates[0][3] is None
+    assert [r["noise_estimate"] for r in runs[1][:3]] == [r["noise_estimate"] for r in runs[2][:3]]
+    assert [r["forget_rate"] for r in runs[1]] == [r["forget_rate"] for r in runs[2]]
+    # The rate the step used follows the estimate: the ramp (num_gradual=3) towards it.
+    tau = estimates[0][2]
+    assert runs[1][3]["forget_rate"] == tau and 0 < tau < 1
+    assert runs[1][2]["forget_rate"] == estimates[0][1]
+
+
+def test_undecided_estimate_says_so_and_uses_the_fallback(data, tmp_path):
+    """A label file that gives every sample class 0: the networks predict one class, so the
+    estimator cannot decide. noise.type=file also makes auto the default."""
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros(640, dtype=np.int64))
+    proc = _train(data, tmp_path / "run", "noise.type=file", f"noise.file={labels}", "train.epochs=2",
+                  "method.num_gradual=2", "method.forget_rate_fallback=0.25")
+    assert ("warning: forget_rate auto: cannot estimate the noise rate: a single mode: the networks predict "
+            "class 0 for 100.0% of the samples") in proc.stdout
+    assert "using the fallback method.forget_rate_fallback=0.25" in proc.stdout
+    rows = metric_rows(tmp_path / "run")
+    assert rows[1]["forget_rate"] == 0.25 and rows[0]["noise_estimate"]["fallback"] == 0.25
+    assert rows[0]["noise_estimate"]["undecided"].startswith("a single mode")
+
+
+def test_too_few_samples_for_the_estimator_is_an_error_on_every_rank(data, tmp_path):
+    proc = _train(data, tmp_path / "run", "method.forget_rate=auto", "data.train_subset=150", nproc=2, check=False)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert (f"error (rank {rank}): method.forget_rate: auto needs at least 20 training samples per class "
+                f"to estimate the noise rate (200 for 10 classes); this run trains on 150") in proc.stderr
+
+
+def test_auto_with_a_method_that_takes_no_forget_rate_is_an_error(data, tmp_path):
+    proc = _train(data, tmp_path / "run", "method.forget_rate=auto", "method.name=standard", check=False)
+    assert proc.returncode != 0
+    assert "method.forget_rate: auto: method.name=standard selects no small-loss share" in proc.stderr
