@@ -1,10 +1,15 @@
 """Export one network of a checkpoint for inference:
-``python -m jocor_ddp.export CHECKPOINT --out model.pt [--net 1|2|best]``.
+``python -m jocor_ddp.export CHECKPOINT --out model.pt [--net 1|2|best] [--by auto|val|test]``.
 
 The file holds a plain state_dict and what is needed to rebuild the network around it
 (architecture, input shape, classes, input normalisation), in plain types only, so that
 it loads with ``torch.load(weights_only=True)``; ``load_exported`` rebuilds the module.
 No optimizer, RNG or config: an exported file cannot resume training.
+
+``--net best`` judges the two networks by the run's metrics row of the checkpoint's epoch:
+by val accuracy (the held-out split's noisy labels, data.val_fraction > 0) where the run has
+one, else by test accuracy. Val is preferred because choosing by the test set makes the test
+figure an optimistic one, and because a user without clean labels has only val.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from .models import build_network
 from .restore import CommandError, Restored, atomic_save, guarded, read_metrics, restore, run_dir_of
 
 FORMAT = "jocor_ddp.export/1"
+BY = ("auto", "val", "test")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,30 +38,55 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("checkpoint", help="a checkpoint file, e.g. RUN/checkpoints/step-N.pt")
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write, e.g. model.pt")
     p.add_argument("--net", choices=("1", "2", "best"), default="best",
-                   help="which network: 1, 2, or best = the one with the higher test accuracy in the "
+                   help="which network: 1, 2, or best = the one with the higher accuracy (see --by) in the "
                         "run's metrics.jsonl row for this checkpoint (net 1 without metrics; default)")
+    p.add_argument("--by", choices=BY, default=None,
+                   help="with --net best, the figure that judges: val = val_acc, the accuracy on the "
+                        "held-out split's noisy labels (runs trained with data.val_fraction > 0); test = "
+                        "test_acc (clean labels); auto = val where the run has it, else test (default)")
     p.add_argument("--root", metavar="DIR",
                    help="the raw dataset folder, only read when the checkpoint records no data_meta "
                         "(older checkpoints): overrides the config's data.root")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.by is not None and args.net != "best":
+        p.error(f"--by goes with --net best (--net {args.net} names the network)")
+    args.by = args.by or "auto"
+    return args
 
 
-def choose_net(checkpoint: Path, state: dict) -> tuple[int, str]:
-    """(1 or 2, why): the network with the higher test accuracy in the metrics row of the
-    checkpoint's epoch in RUN/metrics.jsonl; net 1 on a tie or without such a row (a row of
-    another epoch would judge other weights)."""
+def has_val(row: dict) -> bool:
+    return all(isinstance(row.get(k), (int, float)) for k in ("val_acc1", "val_acc2"))
+
+
+def unjudged(by: str, reason: str) -> tuple[int, str]:
+    """Net 1 when the metrics cannot judge, unless val was asked for: then that is an error."""
+    if by == "val":
+        raise CommandError(f"--by val: {reason}, so no val_acc to judge the networks by")
+    return 1, reason
+
+
+def choose_net(checkpoint: Path, state: dict, by: str = "auto") -> tuple[int, str]:
+    """(1 or 2, why): the network with the higher accuracy in the metrics row of the
+    checkpoint's epoch in RUN/metrics.jsonl, by val_acc or test_acc (``by``: val, test, or
+    auto = val where the row has it); net 1 on a tie or without such a row (a row of another
+    epoch would judge other weights), except that ``by="val"`` then fails: it was asked for."""
     run = run_dir_of(checkpoint)
     metrics = run / "metrics.jsonl" if run is not None else None
     if metrics is None or not metrics.is_file():
-        return 1, "no metrics.jsonl next to the checkpoint"
+        return unjudged(by, f"no metrics.jsonl next to the checkpoint {checkpoint}")
     rows = read_metrics(metrics)
     by_epoch = {r["epoch"]: r for r in rows}
     row = by_epoch.get(state.get("completed_epochs"))
     if row is None:
-        return 1, f"no row of epoch {state.get('completed_epochs')} in {metrics}"
-    net = 2 if row["test_acc2"] > row["test_acc1"] else 1
-    return net, (f"epoch {row['epoch']} of {metrics}: test acc {row['test_acc1']:.2f}% / "
-                 f"{row['test_acc2']:.2f}%")
+        return unjudged(by, f"no row of epoch {state.get('completed_epochs')} in {metrics}")
+    if by == "val" and not has_val(row):
+        raise CommandError(f"--by val: {metrics}, epoch {row['epoch']}: no val_acc1 / val_acc2: the run has no "
+                           "validation split (train with data.val_fraction > 0, or use --by test)")
+    figure = "val" if by == "val" or (by == "auto" and has_val(row)) else "test"
+    acc1, acc2 = row[f"{figure}_acc1"], row[f"{figure}_acc2"]
+    net = 2 if acc2 > acc1 else 1
+    return net, (f"best by {figure}_acc at epoch {row['epoch']} of {metrics}: "
+                 f"{max(acc1, acc2):.2f}% vs {min(acc1, acc2):.2f}%")
 
 
 def plain_normalization(norm) -> dict | None:
@@ -109,7 +140,7 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
 def run(args: argparse.Namespace) -> None:
     r = restore(args.checkpoint, with_data=False, root=args.root, device="cpu")
     if args.net == "best":
-        net, why = choose_net(r.path, r.state)
+        net, why = choose_net(r.path, r.state, args.by)
     else:
         net, why = int(args.net), "asked for"
     out = Path(args.out)

@@ -1,12 +1,16 @@
 """Compare finished (or running) runs: ``python -m jocor_ddp.report RUN_DIR [...] --out DIR``,
-or a whole sweep: ``python -m jocor_ddp.report --sweep SWEEP.yaml [--out DIR]``.
+or a whole sweep: ``python -m jocor_ddp.report --sweep SWEEP.yaml [--out DIR] [--pick AXIS]``.
 
 Reads each RUN_DIR/metrics.jsonl and RUN_DIR/config.yaml and writes, in the JoCoR
 paper's style:
   - DIR/report.md (also printed): one row per run with its method, noise, the mean test
     accuracy of both networks over the last min(10, E) epochs (the paper's headline
     number: the mean over those epochs of (test_acc1 + test_acc2) / 2), the best
-    accuracy (the better network's, at its best epoch) and the final label precision;
+    accuracy (the better network's, at its best epoch) and the final label precision; for
+    runs with a validation split (data.val_fraction > 0) also the last-10 mean val accuracy
+    (on the held-out noisy labels) and the test accuracy at the epoch of the best val
+    accuracy (what early stopping on it would give), and below the table how well val
+    accuracy ranks the runs against test accuracy (Kendall's tau);
     DIR/report.json holds the same numbers unrounded;
   - DIR/test_accuracy.png and DIR/label_precision.png: one line per run against the
     epoch, the legend naming method and noise.
@@ -15,6 +19,9 @@ column per method, each cell the mean ± std over seeds (DIR/table.md, also prin
 DIR/table.csv; DIR defaults to the sweep's folder + /report), and per setting the test
 accuracy and label precision against the epoch, a line per method (the mean over the
 finished seeds, a band of ± one std).
+With ``--sweep`` and ``--pick AXIS`` instead: per combination of the other axes (seeds
+averaged), the AXIS value with the best val accuracy beside the one the test accuracy would
+pick (DIR/pick.md, also printed, and DIR/pick.csv): hyperparameter selection without clean labels.
 The table is written first; the plots need matplotlib (``pip install -e .[report]``).
 """
 
@@ -29,9 +36,12 @@ from typing import Optional
 
 import yaml
 
-from .grid import load_sweep
+from .grid import Run, Sweep, load_sweep
 from .restore import CommandError, guarded, read_metrics, write_json
-from .tables import LAST_EPOCHS, Table, best_acc, build_table, last_epochs_mean, mean_acc
+from .tables import (LAST_EPOCHS, Table, best_acc, best_val_row, build_pick, build_table, kendall_tau,
+                     last_epochs_mean, last_epochs_val_mean, mean_acc)
+
+NO_VAL = "–"  # a figure of a run without a validation split
 METHOD_NAMES = {"jocor": "JoCoR", "coteaching": "Co-teaching", "coteaching_plus": "Co-teaching+",
                 "decoupling": "Decoupling", "standard": "Standard"}
 
@@ -45,6 +55,9 @@ class RunSummary:
     last10_acc: float            # percent
     best_acc: float              # percent
     final_label_precision: Optional[float]  # percent, None when the run has no clean labels
+    last10_val_acc: Optional[float]         # percent, on noisy held-out labels; None without data.val_fraction
+    test_acc_at_best_val: Optional[float]   # percent, mean of both nets at the best val epoch
+    best_val_epoch: Optional[int]
     rows: list = field(repr=False, default_factory=list)
 
     @property
@@ -82,10 +95,14 @@ def summarize(run: Path, name: str) -> RunSummary:
     rows = read_metrics(run / "metrics.jsonl")
     cfg = read_config(run)
     precision = rows[-1].get("label_precision")
+    best_val = best_val_row(rows)
     return RunSummary(name=name, method=str((cfg.get("method") or {}).get("name", "?")),
                       noise=describe_noise(cfg) if cfg else "?", epochs=len(rows),
                       last10_acc=last_epochs_mean(rows), best_acc=best_acc(rows),
-                      final_label_precision=100 * precision if precision is not None else None, rows=rows)
+                      final_label_precision=100 * precision if precision is not None else None,
+                      last10_val_acc=last_epochs_val_mean(rows),
+                      test_acc_at_best_val=None if best_val is None else mean_acc(best_val),
+                      best_val_epoch=None if best_val is None else int(best_val["epoch"]), rows=rows)
 
 
 def run_names(runs: list[Path]) -> list[str]:
@@ -94,20 +111,46 @@ def run_names(runs: list[Path]) -> list[str]:
     return [n if names.count(n) == 1 else str(r) for n, r in zip(names, runs)]
 
 
+def pct(v: Optional[float], missing: str = "n/a") -> str:
+    return missing if v is None else f"{v:.2f}"
+
+
 def markdown_table(summaries: list[RunSummary]) -> str:
-    def pct(v: Optional[float]) -> str:
-        return "n/a" if v is None else f"{v:.2f}"
     lines = ["| run | method | noise | epochs | test acc, last-10 mean (%) | best test acc (%) "
-             "| final label precision (%) |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             "| final label precision (%) | val acc, last-10 mean (%) | test acc at best val epoch (%) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for s in summaries:
         lines.append(f"| {s.name} | {s.method} | {s.noise} | {s.epochs} | {pct(s.last10_acc)} | "
-                     f"{pct(s.best_acc)} | {pct(s.final_label_precision)} |")
+                     f"{pct(s.best_acc)} | {pct(s.final_label_precision)} | {pct(s.last10_val_acc, NO_VAL)} | "
+                     f"{pct(s.test_acc_at_best_val, NO_VAL)} |")
     lines += ["", f"Test acc, last-10 mean: the mean over the last min({LAST_EPOCHS}, epochs) epochs of "
                   "(test_acc1 + test_acc2) / 2. Best: the better network at its best epoch. Label "
                   "precision: the share of the samples kept for the update whose label is clean, in the "
-                  "last epoch (n/a without clean labels)."]
+                  "last epoch (n/a without clean labels). Val acc: the same last-10 mean of (val_acc1 + "
+                  "val_acc2) / 2, the accuracy on the held-out split's noisy labels (data.val_fraction; "
+                  f"{NO_VAL} without one); test acc at best val epoch: (test_acc1 + test_acc2) / 2 at the "
+                  "epoch of the highest such val mean, what early stopping on it would give."]
+    ranking = val_ranking(summaries)
+    if ranking:
+        lines += ["", ranking]
     return "\n".join(lines) + "\n"
+
+
+def val_ranking(summaries: list[RunSummary]) -> Optional[str]:
+    """How well val accuracy (no clean labels needed) ranks the runs against the clean test
+    accuracy; None with fewer than two runs with a validation split."""
+    runs = [s for s in summaries if s.last10_val_acc is not None]
+    if len(runs) < 2:
+        return None
+    tau = kendall_tau([s.last10_val_acc for s in runs], [s.last10_acc for s in runs])
+    by_val = max(runs, key=lambda s: s.last10_val_acc)  # the first of equals
+    by_test = max(runs, key=lambda s: s.last10_acc)
+    same = ("is also the best by test acc" if by_val is by_test
+            else f"is not the best by test acc ({by_test.name}: {by_test.last10_acc:.2f}% vs "
+                 f"{by_val.last10_acc:.2f}%)")
+    return (f"Val acc against test acc over the {len(runs)} runs with a validation split (last-10 means): "
+            f"Kendall's tau = {tau:.2f} (1: the same order, -1: reversed); the best by val acc, "
+            f"{by_val.name}, {same}.")
 
 
 def pyplot(table: Path):
@@ -199,6 +242,9 @@ def plot_sweep(table: Table, out: Path) -> list[Path]:
 def sweep_report(args: argparse.Namespace) -> None:
     sweep = load_sweep(args.sweep)
     out = Path(args.out) if args.out else sweep.dir / "report"
+    if args.pick:
+        pick_report(sweep, args.pick, sweep.select(args.where), out)
+        return
     out.mkdir(parents=True, exist_ok=True)
     table = build_table(sweep, sweep.select(args.where))
     markdown = table.markdown()
@@ -211,17 +257,34 @@ def sweep_report(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'table.md'} and {out / 'table.csv'}")
 
 
+def pick_report(sweep: Sweep, axis: str, runs: list[Run], out: Path) -> None:
+    pick = build_pick(sweep, axis, runs)  # checks the axis and the runs before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = pick.markdown()
+    (out / "pick.md").write_text(markdown)
+    (out / "pick.csv").write_text(pick.csv())
+    print(markdown, end="")
+    print(f"wrote {out / 'pick.md'} and {out / 'pick.csv'}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m jocor_ddp.report",
-        description="Compare runs: a Markdown table (DIR/report.md, also printed) and PNG plots of "
-                    "test accuracy and label precision against the epoch, one line per run.",
+        description="Compare runs: a Markdown table (DIR/report.md, also printed; with val accuracy "
+                    "for runs trained with data.val_fraction > 0) and PNG plots of test accuracy and "
+                    "label precision against the epoch, one line per run. With --sweep: the sweep's "
+                    "table, or with --pick AXIS the AXIS value chosen by val accuracy.",
         epilog="The plots need matplotlib: pip install -e .[report]. The table is written without it.")
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders (each with metrics.jsonl "
                                                              "and config.yaml)")
     p.add_argument("--sweep", metavar="SWEEP.yaml", help="the table of a whole sweep (configs/sweeps/)")
     p.add_argument("--where", action="append", default=[], metavar="AXIS=V1,V2",
                    help="with --sweep: the table of these runs only (as python -m jocor_ddp.sweep --where)")
+    p.add_argument("--pick", metavar="AXIS",
+                   help="with --sweep, instead of the table: per combination of the other axes (seeds "
+                        "averaged), the AXIS value (e.g. method.forget_rate) with the best last-10 mean val "
+                        "accuracy, beside the value the test accuracy would pick and the gap (DIR/pick.md "
+                        "and DIR/pick.csv); needs runs trained with data.val_fraction > 0")
     p.add_argument("--out", metavar="DIR", help="output folder (with --sweep: default SWEEP_DIR/report)")
     p.add_argument("--acc", choices=("mean", "both"), default="mean",
                    help="plot the mean of the two networks' test accuracy (default) or both networks")
@@ -233,6 +296,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--out DIR is required with run folders")
     if args.where and not args.sweep:
         p.error("--where goes with --sweep")
+    if args.pick and not args.sweep:
+        p.error("--pick goes with --sweep")
     return args
 
 

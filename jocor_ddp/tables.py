@@ -7,6 +7,12 @@ accuracy (the better network at its best epoch) and the label precision of the l
 Only finished runs are averaged; a cell says how many runs are still unfinished, and a cell
 with none finished says where they stand: nothing is averaged in silently. The std is the
 sample standard deviation over seeds (n - 1), shown from two finished runs on.
+
+Runs with a validation split (``data.val_fraction`` > 0) also log val_acc1 / val_acc2:
+accuracy against held-out NOISY labels, the only signal a user without clean labels has.
+``last_epochs_val_mean``, ``test_at_best_val`` and ``kendall_tau`` say how well it stands in
+for the test accuracy, and ``build_pick`` (``report --sweep S --pick AXIS``) picks a
+hyperparameter value by it, beside the value the clean test accuracy would have picked.
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from .grid import Run, RunStatus, Sweep, status
-from .restore import read_metrics
+from .grid import SEED_AXIS, Run, RunStatus, Sweep, status
+from .restore import CommandError, read_metrics
 
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
             "clothing1m": "Clothing1M", "imagefolder": "ImageFolder"}
@@ -33,6 +39,48 @@ def last_epochs_mean(rows: list[dict], n: int = LAST_EPOCHS) -> float:
     """Mean over the last min(n, E) epochs of the two networks' mean test accuracy."""
     tail = rows[-n:]
     return sum(mean_acc(r) for r in tail) / len(tail)
+
+
+def has_val(rows: list[dict]) -> bool:
+    """Whether every row scores the validation split (runs with data.val_fraction > 0)."""
+    return all(isinstance(r.get(k), (int, float)) for r in rows for k in ("val_acc1", "val_acc2"))
+
+
+def mean_val(row: dict) -> float:
+    return (row["val_acc1"] + row["val_acc2"]) / 2
+
+
+def last_epochs_val_mean(rows: list[dict], n: int = LAST_EPOCHS) -> Optional[float]:
+    """As last_epochs_mean, of the val accuracy; None without a validation split."""
+    if not has_val(rows):
+        return None
+    tail = rows[-n:]
+    return sum(mean_val(r) for r in tail) / len(tail)
+
+
+def best_val_row(rows: list[dict]) -> Optional[dict]:
+    """The row whose mean val accuracy is highest, the earliest on a tie (where early
+    stopping on the validation split would stop); None without a validation split."""
+    return max(rows, key=mean_val) if has_val(rows) else None
+
+
+def test_at_best_val(rows: list[dict]) -> Optional[float]:
+    row = best_val_row(rows)
+    return None if row is None else mean_acc(row)
+
+
+def kendall_tau(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-a: (concordant - discordant pairs) / all pairs; a pair tied in x or y
+    counts as neither, so ties pull tau towards 0."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"kendall_tau: needs two equally long lists of at least 2 values, got {len(x)} and {len(y)}")
+    score, pairs = 0, 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            product = (x[i] - x[j]) * (y[i] - y[j])
+            score += (product > 0) - (product < 0)
+            pairs += 1
+    return score / pairs
 
 
 def best_acc(rows: list[dict]) -> float:
@@ -147,3 +195,160 @@ def build_table(sweep: Sweep, runs: Optional[list[Run]] = None) -> Table:
         cell = cells.setdefault((*key, run.method), Cell())
         (cell.finished if st.state == "finished" else cell.unfinished).append((run, st))
     return Table(sweep, rows, methods, cells)
+
+
+# --- picking one axis by validation accuracy -------------------------------------------------
+
+@dataclass
+class Choice:
+    """One value of the picked axis within one combination of the other axes."""
+    value: str
+    cell: Cell = field(default_factory=Cell)
+
+    def mean(self, figure: Callable[[list[dict]], Optional[float]]) -> Optional[float]:
+        """The mean over the finished seeds of a per-run figure; None when none finished."""
+        values = [figure(st.rows) for _, st in self.cell.finished]
+        return statistics.fmean(values) if values else None
+
+    @property
+    def val(self) -> Optional[float]:
+        return self.mean(last_epochs_val_mean)
+
+    @property
+    def test(self) -> Optional[float]:
+        return self.mean(last_epochs_mean)
+
+
+@dataclass
+class PickRow:
+    combination: tuple[str, ...]      # the labels of the other axes, seeds aside
+    choices: dict[str, Choice]        # the picked axis's value label -> its runs
+
+    def _best(self, figure: str) -> Optional[Choice]:
+        # max keeps the first of equals: on a tie the earlier value of the axis wins.
+        done = [c for c in self.choices.values() if c.cell.finished]
+        return max(done, key=lambda c: getattr(c, figure)) if done else None
+
+    @property
+    def picked(self) -> Optional[Choice]:
+        return self._best("val")
+
+    @property
+    def oracle(self) -> Optional[Choice]:
+        return self._best("test")
+
+    @property
+    def gap(self) -> Optional[float]:
+        """What picking by val cost in clean test accuracy (0 when it found the oracle)."""
+        return None if self.picked is None else self.oracle.test - self.picked.test
+
+    def runs(self) -> Cell:
+        """All runs of the row in one cell, for counting what is and is not in the means."""
+        return Cell([x for c in self.choices.values() for x in c.cell.finished],
+                    [x for c in self.choices.values() for x in c.cell.unfinished])
+
+
+@dataclass
+class Pick:
+    sweep: Sweep
+    axis: str
+    others: list[str]                 # the axes that make a combination (not the seed, not axis)
+    rows: list[PickRow]
+
+    def _columns(self) -> list[str]:
+        return self.others or ["combination"]
+
+    def _combination(self, row: PickRow) -> list[str]:
+        return list(row.combination) or ["all"]
+
+    def markdown(self) -> str:
+        def pct(v: Optional[float]) -> str:
+            return "–" if v is None else f"{v:.2f}"
+        out = [f"# {self.sweep.description or self.sweep.path.stem}: {self.axis} picked by validation accuracy", "",
+               f"Sweep `{self.sweep.path}`, in `{self.sweep.dir}`. Per combination of the other axes, the "
+               f"{self.axis} value whose runs have the best val acc (on the held-out split's noisy labels: what "
+               "a user without clean labels sees), its test acc (clean labels), the value the test acc would "
+               "have picked (the oracle) and the gap: oracle test acc − picked test acc. Each figure: the mean "
+               f"over the finished seeds of the run's mean over its last {LAST_EPOCHS} epochs of the two "
+               "networks' accuracy.", "",
+               "| " + " | ".join(self._columns()) + " | picked by val | val acc (%) | test acc (%) "
+               "| best by test | test acc (%) | gap | runs |",
+               "|" + "---|" * len(self._columns()) + "---|---:|---:|---|---:|---:|---|"]
+        for row in self.rows:
+            picked, oracle, runs = row.picked, row.oracle, row.runs()
+            waiting = runs._waiting()
+            cells = [picked and picked.value, pct(picked and picked.val), pct(picked and picked.test),
+                     oracle and oracle.value, pct(oracle and oracle.test), pct(row.gap),
+                     f"{len(runs.finished)}" + (f" (+{waiting})" if waiting else "")]
+            out.append("| " + " | ".join(self._combination(row) + [c or "–" for c in cells]) + " |")
+        out += ["", self._verdict()]
+        skipped = [f"{run.name} ({st})" for row in self.rows for run, st in row.runs().unfinished]
+        if skipped:
+            out += ["", "Skipped, not finished: " + ", ".join(skipped) + "."]
+        return "\n".join(out) + "\n"
+
+    def _verdict(self) -> str:
+        scored = [row for row in self.rows if row.picked is not None]
+        if not scored:
+            return "No combination has a finished run yet."
+        hits = sum(row.picked is row.oracle for row in scored)
+        return (f"Val acc picked the oracle's value in {hits} of {len(scored)} combinations; mean gap "
+                f"{statistics.fmean(row.gap for row in scored):.2f} points of test accuracy.")
+
+    def csv(self) -> str:
+        def num(v: Optional[float]) -> str:
+            return "" if v is None else f"{v:.4f}"
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(self._columns() + ["picked", "picked_val", "picked_test", "oracle", "oracle_val",
+                                      "oracle_test", "gap", "runs_finished", "runs_unfinished"])
+        for row in self.rows:
+            picked, oracle, runs = row.picked, row.oracle, row.runs()
+            w.writerow(self._combination(row) + [
+                picked.value if picked else "", num(picked and picked.val), num(picked and picked.test),
+                oracle.value if oracle else "", num(oracle and oracle.val), num(oracle and oracle.test),
+                num(row.gap), len(runs.finished), len(runs.unfinished)])
+        return buf.getvalue()
+
+
+def check_pick_axis(sweep: Sweep, axis: str) -> None:
+    allowed = [a for a in sweep.axes if a != SEED_AXIS]
+    why = "seeds are averaged, not picked" if axis == SEED_AXIS else f"not an axis of {sweep.path}"
+    if axis not in allowed:
+        raise CommandError(f"--pick {axis}: {why}; the sweep's axes: {', '.join(allowed) or 'train.seed only'}")
+
+
+VAL_NEEDED = "--pick needs runs with data.val_fraction > 0 (narrow the sweep with --where if only some have it)"
+
+
+def require_val_split(run: Run) -> None:
+    """Checked on the config, so that a run without a split is named before it has even started."""
+    if not run.cfg.data.val_fraction:
+        raise CommandError(f"{VAL_NEEDED}: run {run.dir} has data.val_fraction = {run.cfg.data.val_fraction}")
+
+
+def rows_with_val(run: Run) -> list[dict]:
+    rows = read_metrics(run.dir / "metrics.jsonl")
+    if not has_val(rows):
+        raise CommandError(f"{VAL_NEEDED}: {run.dir / 'metrics.jsonl'} has no val_acc1 / val_acc2 in every row")
+    return rows
+
+
+def build_pick(sweep: Sweep, axis: str, runs: Optional[list[Run]] = None) -> Pick:
+    """Per combination of the axes other than ``axis`` and the seed: the value of ``axis``
+    with the best val accuracy, beside the best by test accuracy (of ``runs``, default all)."""
+    check_pick_axis(sweep, axis)
+    others = [a for a in sweep.axes if a not in (axis, SEED_AXIS)]
+    rows: dict[tuple[str, ...], PickRow] = {}
+    for run in sweep.runs if runs is None else runs:
+        combination = tuple(run.labels[a] for a in others)
+        row = rows.setdefault(combination, PickRow(combination, {}))
+        choice = row.choices.setdefault(run.labels[axis], Choice(run.labels[axis]))
+        require_val_split(run)
+        st = status(run)
+        if st.state == "finished":  # what is averaged is read strictly, as in build_table
+            st.rows = rows_with_val(run)
+            choice.cell.finished.append((run, st))
+        else:
+            choice.cell.unfinished.append((run, st))
+    return Pick(sweep, axis, others, list(rows.values()))

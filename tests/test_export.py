@@ -1,5 +1,6 @@
 """export: the exported network, rebuilt by load_exported, gives the checkpoint network's
-logits exactly; --net best follows the metrics; the file loads with weights_only."""
+logits exactly; --net best follows the metrics (val_acc over test_acc where the run has a
+validation split, or as --by says); the file loads with weights_only."""
 
 import json
 import shutil
@@ -49,13 +50,16 @@ def test_exported_net_reloads_with_identical_logits(run, tmp_path, net):
         assert not torch.equal(model(x), other(x))
 
 
-def copy_run(run, dest, acc1, acc2):
-    """The final checkpoint in a fresh RUN layout, with a one-row metrics.jsonl (or none)."""
+def copy_run(run, dest, acc1, acc2, val=None):
+    """The final checkpoint in a fresh RUN layout, with a metrics.jsonl whose row of its epoch
+    holds these test accuracies (and val accuracies, a pair, when given), or none."""
     (dest / "checkpoints").mkdir(parents=True)
     ckpt = dest / "checkpoints" / final_checkpoint(run).name
     shutil.copy(final_checkpoint(run), ckpt)
     if acc1 is not None:
         row = {"epoch": load_checkpoint(ckpt)["completed_epochs"], "test_acc1": acc1, "test_acc2": acc2}
+        if val is not None:
+            row.update(val_acc1=val[0], val_acc2=val[1], val_samples=100)
         (dest / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc1": 0, "test_acc2": 0}) + "\n"
                                             + json.dumps(row) + "\n")
     return ckpt
@@ -68,6 +72,40 @@ def test_best_picks_the_more_accurate_net(run, tmp_path, acc1, acc2, expected):
     out = tmp_path / "best.pt"
     assert export.main([str(ckpt), "--out", str(out), "--net", "best"]) == 0
     assert torch.load(out, weights_only=True)["net"] == expected
+
+
+@pytest.mark.parametrize("test, val, by, expected", [
+    ((70.0, 80.0), (61.2, 60.95), "val", 1), ((70.0, 80.0), (61.2, 60.95), "auto", 1),
+    ((70.0, 80.0), (61.2, 60.95), "test", 2), ((80.0, 70.0), (60.0, 65.0), "val", 2),
+    ((80.0, 70.0), (60.0, 65.0), None, 2), ((80.0, 70.0), (60.0, 65.0), "test", 1)])
+def test_best_by_val_follows_val_acc_even_against_test_acc(run, tmp_path, capsys, test, val, by, expected):
+    ckpt = copy_run(run, tmp_path / "run", *test, val=val)
+    out = tmp_path / "best.pt"
+    assert export.main([str(ckpt), "--out", str(out), *(["--by", by] if by else [])]) == 0
+    assert torch.load(out, weights_only=True)["net"] == expected
+    figure, accs = ("test", test) if by == "test" else ("val", val)
+    epoch = load_checkpoint(ckpt)["completed_epochs"]
+    assert (f"net {expected} (best by {figure}_acc at epoch {epoch} of {tmp_path / 'run' / 'metrics.jsonl'}: "
+            f"{max(accs):.2f}% vs {min(accs):.2f}%)") in capsys.readouterr().out
+
+
+def test_by_val_without_a_validation_split_is_an_error(run, tmp_path, capsys):
+    ckpt = copy_run(run, tmp_path / "run", 70.0, 80.0)
+    out = tmp_path / "m.pt"
+    assert export.main([str(ckpt), "--out", str(out), "--by", "val"]) == 2
+    err = capsys.readouterr().err
+    assert "--by val" in err and "no validation split" in err and "data.val_fraction" in err
+    assert str(tmp_path / "run" / "metrics.jsonl") in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    # Without metrics there is nothing to judge by: --by val fails where auto falls back to net 1.
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    assert export.main([str(ckpt), "--out", str(out), "--by", "val"]) == 2
+    assert "--by val: no metrics.jsonl next to the checkpoint" in capsys.readouterr().err
+    assert export.main([str(ckpt), "--out", str(out)]) == 0
+    # --by judges for --net best only.
+    with pytest.raises(SystemExit):
+        export.parse_args([str(ckpt), "--out", str(out), "--net", "1", "--by", "val"])
+    assert "--by goes with --net best" in capsys.readouterr().err
 
 
 def test_errors(run, tmp_path, capsys):

@@ -1,6 +1,9 @@
 """report: the table's numbers from hand-written metrics (exactly), the PNGs from a real
-run, the table without matplotlib, and errors that name the file and line."""
+run, the table without matplotlib, and errors that name the file and line; the val accuracy
+columns, the Kendall tau of val against test, and --pick on a hand-written sweep."""
 
+import csv
+import io
 import json
 import sys
 
@@ -11,14 +14,16 @@ from helpers import run_python
 from tiny_run import metrics_rows, tiny_run
 
 from jocor_ddp import report
+from jocor_ddp.grid import load_sweep
+from jocor_ddp.tables import kendall_tau
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(folder, rows, method="jocor", noise=("symmetric", 0.5)):
+def write_run(folder, rows, method="jocor", noise=("symmetric", 0.5), **method_keys):
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(
-        {"method": {"name": method}, "noise": {"type": noise[0], "rate": noise[1]}}))
+        {"method": {"name": method, **method_keys}, "noise": {"type": noise[0], "rate": noise[1]}}))
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
@@ -95,3 +100,140 @@ def test_errors_name_the_file_and_line(tmp_path, capsys, content, message):
     assert report.main([str(run), "--out", str(tmp_path / "out"), "--no-plots"]) == 2
     err = capsys.readouterr().err
     assert f"{run}/{message}" in err and len(err.strip().splitlines()) == 1
+
+
+# --- validation accuracy ---------------------------------------------------------------------
+
+def val_row(epoch, test, val):
+    """A row of a run with a validation split: (net 1, net 2) test and val accuracies."""
+    return {**row(epoch, *test), "val_acc1": val[0], "val_acc2": val[1], "val_samples": 500}
+
+
+@pytest.fixture
+def val_runs(tmp_path):
+    # Mean test / val per epoch; last-10 means over all (fewer than ten) epochs:
+    #   a: test 60 70 65 -> 65,   val 50 55 52 -> 52.33, best val at epoch 2 -> test 70
+    #   b: test 70 73    -> 71.5, val 60 59    -> 59.5,  best val at epoch 1 -> test 70
+    #   c: test 80 77    -> 78.5, val 51 56    -> 53.5,  best val at epoch 2 -> test 77
+    # Pairs by val / by test: (a, b) and (a, c) agree, (b, c) disagree: tau = (2 - 1) / 3.
+    a = write_run(tmp_path / "a", [val_row(1, (58, 62), (49, 51)), val_row(2, (69, 71), (54, 56)),
+                                   val_row(3, (64, 66), (51, 53))], forget_rate="auto")
+    b = write_run(tmp_path / "b", [val_row(1, (70, 70), (60, 60)), val_row(2, (72, 74), (58, 60))])
+    c = write_run(tmp_path / "c", [val_row(1, (80, 80), (50, 52)), val_row(2, (76, 78), (55, 57))])
+    return a, b, c
+
+
+def test_val_columns_and_how_val_ranks_the_runs(val_runs, hand_runs, tmp_path):
+    out = tmp_path / "out"
+    assert report.main([*map(str, val_runs), *map(str, hand_runs), "--out", str(out), "--no-plots"]) == 0
+    summary = {s["name"]: s for s in json.loads((out / "report.json").read_text())}
+    assert summary["a"]["last10_val_acc"] == pytest.approx(157 / 3, abs=1e-12)
+    assert (summary["a"]["test_acc_at_best_val"], summary["a"]["best_val_epoch"]) == (70.0, 2)
+    assert (summary["b"]["test_acc_at_best_val"], summary["b"]["best_val_epoch"]) == (70.0, 1)
+    assert summary["long"]["last10_val_acc"] is None and summary["long"]["test_acc_at_best_val"] is None
+    table = (out / "report.md").read_text()
+    assert "| a | jocor | symmetric 50% | 3 | 65.00 | 71.00 | n/a | 52.33 | 70.00 |" in table
+    assert "| c | jocor | symmetric 50% | 2 | 78.50 | 80.00 | n/a | 53.50 | 77.00 |" in table
+    assert "| long | jocor | symmetric 50% | 12 | 8.50 | 14.00 | 75.00 | – | – |" in table
+    assert ("over the 3 runs with a validation split (last-10 means): Kendall's tau = 0.33 "
+            "(1: the same order, -1: reversed); the best by val acc, b, is not the best by test acc "
+            "(c: 78.50% vs 71.50%).") in table
+
+
+def test_no_ranking_line_with_fewer_than_two_val_runs(val_runs, hand_runs, tmp_path):
+    out = tmp_path / "out"
+    assert report.main([str(val_runs[0]), *map(str, hand_runs), "--out", str(out), "--no-plots"]) == 0
+    assert "Kendall" not in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("x, y, tau", [
+    ([1, 2, 3, 4], [1, 3, 2, 4], (5 - 1) / 6),   # one of six pairs swapped
+    ([1, 1, 2], [1, 2, 3], 2 / 3),               # the tied pair counts neither way (tau-a)
+    ([1, 2, 3], [3, 2, 1], -1.0), ([3.5, 1.0], [2.0, 0.5], 1.0)])
+def test_kendall_tau_by_hand(x, y, tau):
+    assert kendall_tau(x, y) == pytest.approx(tau, abs=1e-12)
+
+
+# --- --pick: an axis chosen by val accuracy ---------------------------------------------------------
+
+# setting -> forget rate -> (val, test): the mean over two seeds of each run's last-10 mean.
+# sym20: val picks 0.3, test would pick 0.4 (gap 2); sym50: both pick 0.3.
+PICK = {"sym20": {0.2: (60, 80), 0.3: (62, 79), 0.4: (58, 81)},
+        "sym50": {0.2: (40, 60), 0.3: (45, 66), 0.4: (44, 65)}}
+UNFINISHED = "sym50-forget_rate0.4-seed2"
+
+
+def write_sweep(tmp_path, val_fraction=0.1):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"data": {"name": "mnist", "root": str(tmp_path / "none")},
+                                    "model": {"arch": "mlp"}, "train": {"epochs": 3}}))
+    path = tmp_path / "pick.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": str(base), "dir": str(tmp_path / "sweep"), "overrides": {"data.val_fraction": val_fraction},
+        "axes": {"setting": {"sym20": {"noise.rate": 0.2}, "sym50": {"noise.rate": 0.5}},
+                 "method.forget_rate": [0.2, 0.3, 0.4], "train.seed": [1, 2]}}, sort_keys=False))
+    return path
+
+
+def write_pick_metrics(path, with_val=True):
+    """Each run's epochs spread around its figure (e - 2: the 3-epoch mean is the figure);
+    seed 1 of sym20/0.2 is 3 points of val above seed 2, so that seed 1 alone would pick 0.2."""
+    for run in load_sweep(path).runs:
+        val, test = PICK[run.labels["setting"]][run.cfg.method.forget_rate]
+        if (run.labels["setting"], run.cfg.method.forget_rate) == ("sym20", 0.2):
+            val += 3 if run.seed == 1 else -3
+        rows = [row(e, test + e - 3, test + e - 1) for e in range(1, 4)]
+        if with_val:
+            rows = [{**r, "val_acc1": val + e - 3, "val_acc2": val + e - 1} for e, r in enumerate(rows, 1)]
+        run.dir.mkdir(parents=True)
+        (run.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in
+                                                    rows[:2 if run.name == UNFINISHED else 3]))
+
+
+def test_pick_chooses_by_val_beside_the_test_oracle(tmp_path, capsys):
+    path = write_sweep(tmp_path)
+    write_pick_metrics(path)
+    out = tmp_path / "out"
+    assert report.main(["--sweep", str(path), "--pick", "method.forget_rate", "--out", str(out)]) == 0
+    md = (out / "pick.md").read_text()
+    assert "| sym20 | forget_rate0.3 | 62.00 | 79.00 | forget_rate0.4 | 81.00 | 2.00 | 6 |" in md
+    assert "| sym50 | forget_rate0.3 | 45.00 | 66.00 | forget_rate0.3 | 66.00 | 0.00 | 5 (+1 unfinished) |" in md
+    assert "Val acc picked the oracle's value in 1 of 2 combinations; mean gap 1.00" in md
+    assert f"Skipped, not finished: {UNFINISHED} (unfinished (2/3 epochs))." in md
+    assert md in capsys.readouterr().out
+    assert not (out / "table.md").exists()
+    rows = {r["setting"]: r for r in csv.DictReader(io.StringIO((out / "pick.csv").read_text()))}
+    assert (rows["sym20"]["picked"], rows["sym20"]["oracle"]) == ("forget_rate0.3", "forget_rate0.4")
+    assert float(rows["sym20"]["picked_val"]) == 62 and float(rows["sym20"]["oracle_val"]) == 58
+    assert float(rows["sym20"]["gap"]) == 2 and (rows["sym50"]["runs_finished"], rows["sym50"]["runs_unfinished"]) \
+        == ("5", "1")
+    # The other axes are the rows: picking the setting per forget rate (seeds still averaged).
+    assert report.main(["--sweep", str(path), "--pick", "setting", "--out", str(out),
+                        "--where", "method.forget_rate=0.2"]) == 0
+    assert "| forget_rate0.2 | sym20 | 60.00 | 80.00 | sym20 | 80.00 | 0.00 | 4 |" in (out / "pick.md").read_text()
+
+
+@pytest.mark.parametrize("axis, val_fraction, with_val, message", [
+    ("method.lr", 0.1, True, "--pick method.lr: not an axis of {path}; the sweep's axes: setting, method.forget_rate"),
+    ("train.seed", 0.1, True, "--pick train.seed: seeds are averaged, not picked; the sweep's axes: setting"),
+    ("method.forget_rate", 0.0, False, "--pick needs runs with data.val_fraction > 0 (narrow the sweep with "
+                                       "--where if only some have it): run {dir}/sym20-forget_rate0.2-seed1 has "
+                                       "data.val_fraction = 0.0"),
+    ("method.forget_rate", 0.1, False, "--pick needs runs with data.val_fraction > 0 (narrow the sweep with "
+                                       "--where if only some have it): {dir}/sym20-forget_rate0.2-seed1/"
+                                       "metrics.jsonl has no val_acc1 / val_acc2"),
+])
+def test_pick_errors(tmp_path, capsys, axis, val_fraction, with_val, message):
+    path = write_sweep(tmp_path, val_fraction)
+    write_pick_metrics(path, with_val)
+    out = tmp_path / "out"
+    assert report.main(["--sweep", str(path), "--pick", axis, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message.format(path=path, dir=tmp_path / "sweep") in err and len(err.strip().splitlines()) == 1
+    assert not (out / "pick.md").exists()
+
+
+def test_pick_goes_with_sweep(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        report.parse_args([str(tmp_path), "--out", str(tmp_path / "out"), "--pick", "method.forget_rate"])
+    assert "--pick goes with --sweep" in capsys.readouterr().err
