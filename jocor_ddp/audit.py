@@ -114,6 +114,15 @@ def flag_quality(flags: torch.Tensor, given: torch.Tensor, clean: torch.Tensor) 
 
 # --- the command ------------------------------------------------------------------------
 
+def run_forget_rate(cfg, state: dict) -> float:
+    """The run's final tau: the configured one, or with method.forget_rate auto the estimate
+    the checkpoint holds (the fallback where none was reached)."""
+    if cfg.forget_rate is not None:
+        return cfg.forget_rate
+    auto = state.get("forget_rate_auto") or {}
+    return auto.get("estimate") if auto.get("estimate") is not None else cfg.method.forget_rate_fallback
+
+
 def history_share(state: dict, path: Path, n: int) -> tuple[Optional[torch.Tensor], int]:
     """(kept share per sample or None, epochs it covers) from the checkpoint's kept history."""
     history, epochs = state.get("kept_history"), state.get("kept_history_epochs")
@@ -167,7 +176,7 @@ def audit(args: argparse.Namespace) -> dict:
     cols = score_train(r)
     n = cols["given"].shape[0]
     share, window = history_share(r.state, r.path, n)
-    tau = r.cfg.forget_rate
+    tau = run_forget_rate(r.cfg, r.state)
     scored = cols["scored"]
     flags = flag_samples(cols["given"], cols["pred1"], cols["pred2"], cols["loss"], share, tau) & scored
     cols["clean"] = torch.where(scored, cols["clean"], -1)  # unscored samples do not count in quality

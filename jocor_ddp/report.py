@@ -138,17 +138,25 @@ def markdown_table(summaries: list[RunSummary]) -> str:
 
 def val_ranking(summaries: list[RunSummary]) -> Optional[str]:
     """How well val accuracy (no clean labels needed) ranks the runs against the clean test
-    accuracy; None with fewer than two runs with a validation split."""
-    runs = [s for s in summaries if s.last10_val_acc is not None]
-    if len(runs) < 2:
-        return None
+    accuracy, per noise setting (noisy labels of different settings put val accuracy on
+    different scales, so runs are only compared within one); None where no setting has two
+    runs with a validation split."""
+    groups: dict[str, list[RunSummary]] = {}
+    for s in summaries:
+        if s.last10_val_acc is not None:
+            groups.setdefault(s.noise, []).append(s)
+    lines = [_val_ranking(noise, runs) for noise, runs in groups.items() if len(runs) >= 2]
+    return "\n\n".join(lines) if lines else None
+
+
+def _val_ranking(noise: str, runs: list[RunSummary]) -> str:
     tau = kendall_tau([s.last10_val_acc for s in runs], [s.last10_acc for s in runs])
     by_val = max(runs, key=lambda s: s.last10_val_acc)  # the first of equals
     by_test = max(runs, key=lambda s: s.last10_acc)
     same = ("is also the best by test acc" if by_val is by_test
             else f"is not the best by test acc ({by_test.name}: {by_test.last10_acc:.2f}% vs "
                  f"{by_val.last10_acc:.2f}%)")
-    return (f"Val acc against test acc over the {len(runs)} runs with a validation split (last-10 means): "
+    return (f"Val acc against test acc over the {len(runs)} {noise} runs with a validation split (last-10 means): "
             f"Kendall's tau = {tau:.2f} (1: the same order, -1: reversed); the best by val acc, "
             f"{by_val.name}, {same}.")
 

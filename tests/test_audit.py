@@ -130,3 +130,11 @@ def test_audit_without_kept_history(run, tmp_path):
     rows, summary = read_audit(out)
     assert summary["rule"] == audit.RULE_NO_HISTORY and summary["kept_share_epochs"] == 0
     check_audit_csv(rows, summary, with_history=False)
+
+
+def test_the_forget_rate_of_an_auto_run_is_its_estimate():
+    from jocor_ddp.config import load_config
+    auto = load_config(None, ["method.forget_rate=auto", "method.forget_rate_fallback=0.25"])
+    assert audit.run_forget_rate(auto, {"forget_rate_auto": {"estimate": 0.31, "final": True}}) == 0.31
+    assert audit.run_forget_rate(auto, {"forget_rate_auto": {"estimate": None, "final": True}}) == 0.25
+    assert audit.run_forget_rate(load_config(None, ["noise.rate=0.4"]), {}) == 0.4

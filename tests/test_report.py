@@ -135,9 +135,20 @@ def test_val_columns_and_how_val_ranks_the_runs(val_runs, hand_runs, tmp_path):
     assert "| a | jocor | symmetric 50% | 3 | 65.00 | 71.00 | n/a | 52.33 | 70.00 |" in table
     assert "| c | jocor | symmetric 50% | 2 | 78.50 | 80.00 | n/a | 53.50 | 77.00 |" in table
     assert "| long | jocor | symmetric 50% | 12 | 8.50 | 14.00 | 75.00 | – | – |" in table
-    assert ("over the 3 runs with a validation split (last-10 means): Kendall's tau = 0.33 "
+    assert ("over the 3 symmetric 50% runs with a validation split (last-10 means): Kendall's tau = 0.33 "
             "(1: the same order, -1: reversed); the best by val acc, b, is not the best by test acc "
             "(c: 78.50% vs 71.50%).") in table
+
+
+def test_val_ranks_runs_within_one_noise_setting_only(val_runs, tmp_path):
+    """Noisy labels of another setting put val accuracy on another scale: a pairflip run with
+    the highest val acc of all must not join the symmetric runs' ranking."""
+    flip = write_run(tmp_path / "flip", [val_row(1, (40, 40), (90, 90))], noise=("pairflip", 0.45))
+    out = tmp_path / "out"
+    assert report.main([*map(str, val_runs), str(flip), "--out", str(out), "--no-plots"]) == 0
+    table = (out / "report.md").read_text()
+    assert "over the 3 symmetric 50% runs" in table and "the best by val acc, b," in table
+    assert "pairflip 45% runs" not in table
 
 
 def test_no_ranking_line_with_fewer_than_two_val_runs(val_runs, hand_runs, tmp_path):
