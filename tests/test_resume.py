@@ -149,6 +149,21 @@ def _single(data, run_dir, *extra, env=None):
     return run_python(_args(data, run_dir, *extra), env=env)
 
 
+def test_the_noise_estimate_travels_in_checkpoints(data, tmp_path):
+    """With train.lr=0.003 the estimate at the end of epoch 2 is decided (the runs above stay
+    on the fallback: their networks do not yet predict every class) and sets epoch 3's forget
+    rate; a run stopped mid-epoch 3 must go on with it, not with the fallback."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _single(data, whole, "train.lr=0.003")
+    rows = metric_rows(whole)
+    assert rows[1]["noise_estimate"]["undecided"] is None and rows[1]["noise_estimate"]["final"]
+    assert rows[2]["forget_rate"] == rows[1]["forget_rate_estimate"] != 0.2
+    _single(data, split, "train.lr=0.003", env=child_env(JOCOR_FAULT="sigterm:0:20"))
+    assert len(metric_rows(split)) == 2
+    _single(data, split, "train.lr=0.003")
+    assert_same_run(split, whole)
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_amp_checkpoints_resume_exactly(data, tmp_path, precision):
     """Mixed precision on CPU autocast: the GradScaler state (fp16) and everything else
