@@ -29,7 +29,7 @@ from .schedule import forget_rate_schedule
 
 
 class AutoForgetRate:
-    """The estimate, its history and the schedule it gives."""
+    """The latest estimate, whether it is final, and the forget-rate schedule it gives."""
 
     def __init__(self, cfg: Config, num_classes: int):
         self.cfg = cfg

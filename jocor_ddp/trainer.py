@@ -24,10 +24,10 @@ from .config import NO_FORGET_RATE, Config, ConfigError
 from .data import DataBundle, agree_on_error, build_data
 from .dist import DistContext, agree, all_gather_objects, all_reduce_sum, broadcast_buffers, max_over_ranks
 from .models import ModelPair, build_pair, unwrap
-from .runlog import RunLog
 from .noise_rate import MIN_SAMPLES_PER_CLASS
 from .preemption import Preempted, StopFlag
 from .progress import Progress, progress_enabled
+from .runlog import RunLog
 from .schedule import forget_rate_schedule, lr_beta1_schedule
 from .step import TrainStep, autocast, resolve_precision, resolve_sync_every
 
