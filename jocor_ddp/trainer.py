@@ -82,6 +82,11 @@ class Trainer:
     def global_step(self) -> int:
         return self.step.global_step
 
+    @property
+    def held_out(self) -> int:
+        """Training samples held out as the validation split (data.val_fraction)."""
+        return getattr(self.data.val, "num_samples", 0)
+
     def _auto_forget_rate(self) -> Optional[AutoForgetRate]:
         """The estimator when tau is auto: asked for, or left unset where the noise rate is
         unknown (a label file, shards whose labels came noisy)."""
@@ -89,7 +94,8 @@ class Trainer:
         unknown = m.forget_rate is None and self.data.labels_noisy and m.name not in NO_FORGET_RATE
         if not (cfg.auto_forget_rate or unknown):
             return None
-        n, c = self.data.train.num_samples, self.data.num_classes
+        # The samples the estimate scores: the training split without the held-out ones.
+        n, c = self.data.train.num_samples - self.held_out, self.data.num_classes
         if n < MIN_SAMPLES_PER_CLASS * c:
             raise ConfigError(f"method.forget_rate: auto needs at least {MIN_SAMPLES_PER_CLASS} training samples "
                               f"per class to estimate the noise rate ({MIN_SAMPLES_PER_CLASS * c} for {c} classes); "
@@ -370,7 +376,7 @@ class Trainer:
         if not self.ctx.is_main:
             return
         n = self.data.train.num_samples
-        held = getattr(self.data.val, "num_samples", 0)  # data.val_fraction: held out, scored each epoch
+        held = self.held_out
         n_s = f"{n - held} train + {held} validation" if held else f"{n} train"
         noise = self.data.noise
         noise_s = (f"{noise.type} {noise.rate:g} (actual {100 * noise.actual_rate:.2f}% wrong)"

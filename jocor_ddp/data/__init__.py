@@ -64,14 +64,19 @@ def _build_memory(cfg: Config, ctx: DistContext) -> DataBundle:
     val = held_out(len(noisy), cfg.data.val_fraction)
     rows, val_rows = np.flatnonzero(~val), np.flatnonzero(val)
 
+    def rows_of(a, r):  # a's rows r; all of them (nothing held out): the array itself, no copy
+        return a if len(r) == len(noisy) else a[r]
+
     def part(r, **kw):  # the training rows or the validation rows, indexed as in the split
-        return MemoryEvalLoader(train.images[r], noisy[r], rank=ctx.rank, world_size=ctx.world_size,
-                                device=ctx.device, clean=train.labels[r], sample_idx=r, **kw)
+        return MemoryEvalLoader(rows_of(train.images, r), rows_of(noisy, r), rank=ctx.rank,
+                                world_size=ctx.world_size, device=ctx.device, clean=rows_of(train.labels, r),
+                                sample_idx=r, **kw)
     try:
         train_loader = MemoryTrainLoader(
-            train.images[rows], noisy[rows], train.labels[rows], global_batch=cfg.train.batch_size,
-            rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed, device=ctx.device,
-            geo=native_geometry(train.images, cfg.data.augment), sample_idx=rows, num_samples=len(noisy))
+            rows_of(train.images, rows), rows_of(noisy, rows), rows_of(train.labels, rows),
+            global_batch=cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
+            device=ctx.device, geo=native_geometry(train.images, cfg.data.augment), sample_idx=rows,
+            num_samples=len(noisy))
     except ValueError as exc:
         raise DataError(f"{cfg.data.name}: {exc}") from None
     test_loader = MemoryEvalLoader(test.images, test.labels, rank=ctx.rank,
