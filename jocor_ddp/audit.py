@@ -114,18 +114,10 @@ def flag_quality(flags: torch.Tensor, given: torch.Tensor, clean: torch.Tensor) 
 
 # --- the command ------------------------------------------------------------------------
 
-def run_forget_rate(cfg, state: dict) -> float:
-    """The run's final tau: the configured one, or with method.forget_rate auto the estimate
-    the checkpoint holds (the fallback where none was reached)."""
-    if cfg.forget_rate is not None:
-        return cfg.forget_rate
-    auto = state.get("forget_rate_auto") or {}
-    return auto.get("estimate") if auto.get("estimate") is not None else cfg.method.forget_rate_fallback
-
-
-def history_share(state: dict, path: Path, n: int) -> tuple[Optional[torch.Tensor], int]:
-    """(kept share per sample or None, epochs it covers) from the checkpoint's kept history."""
-    history, epochs = state.get("kept_history"), state.get("kept_history_epochs")
+def history_share(history: dict, path: Path, n: int) -> tuple[Optional[torch.Tensor], int]:
+    """(kept share per sample or None, epochs it covers) from the checkpoint's kept history
+    (``TrainingState.history``)."""
+    history, epochs = history.get("bits"), history.get("epochs")
     if history is None or epochs is None:
         return None, 0
     if not isinstance(history, torch.Tensor) or history.dtype.is_floating_point or tuple(history.shape) != (n,):
@@ -140,10 +132,9 @@ def score_train(r: Restored) -> dict[str, torch.Tensor]:
     if r.data.train_eval is None:
         raise CommandError(f"the {r.cfg.data.source} data source offers no pass over the training split "
                            f"(DataBundle.train_eval), which audit needs")
-    n = r.data.train.num_samples
+    n = r.data.train.index_range
     cols = {k: torch.full((n,), -1, dtype=torch.long) for k in ("given", "clean", "pred1", "pred2", "seen")}
     cols["loss"] = torch.zeros(n, dtype=torch.float64)
-    keys: list[Optional[str]] = [None] * n
     for batch, logits1, logits2 in r.score(r.data.train_eval, n, "audit train"):
         idx = batch.idx.long().cpu()
         cols["given"][idx] = batch.y.long().cpu()
@@ -152,8 +143,6 @@ def score_train(r: Restored) -> dict[str, torch.Tensor]:
         cols["pred2"][idx] = logits2.argmax(1).cpu()
         cols["loss"][idx] = jocor_loss(logits1, logits2, batch.y, r.cfg.method.co_lambda).double().cpu()
         cols["seen"][idx] += 1
-        for i, key in zip(idx.tolist(), getattr(batch, "key", None) or []):
-            keys[i] = str(key)
     twice = int((cols["seen"] > 0).sum())
     unscored = int((cols["seen"] < 0).sum())
     # Samples left out as bad (data.on_bad_sample: skip) are never scored: not an error then.
@@ -163,8 +152,9 @@ def score_train(r: Restored) -> dict[str, torch.Tensor]:
     cols["scored"] = cols["seen"] == 0
     if r.cfg.data.source == "shards":
         from .data.shards import sample_key  # a shard sample's __key__
-        keys = [k if k is not None else sample_key(i) for i, k in enumerate(keys)]
-    cols["keys"] = keys
+        cols["keys"] = [sample_key(i) for i in range(n)]
+    else:
+        cols["keys"] = [None] * n
     return cols
 
 
@@ -175,8 +165,8 @@ def audit(args: argparse.Namespace) -> dict:
     r = restore(args.checkpoint, with_data=True, shards=args.shards, root=args.root, device=args.device)
     cols = score_train(r)
     n = cols["given"].shape[0]
-    share, window = history_share(r.state, r.path, n)
-    tau = run_forget_rate(r.cfg, r.state)
+    share, window = history_share(r.state.history, r.path, n)
+    tau = r.state.final_tau  # the run's tau, as the trainer decided and estimated it
     scored = cols["scored"]
     flags = flag_samples(cols["given"], cols["pred1"], cols["pred2"], cols["loss"], share, tau) & scored
     cols["clean"] = torch.where(scored, cols["clean"], -1)  # unscored samples do not count in quality

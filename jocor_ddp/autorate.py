@@ -1,5 +1,5 @@
-"""``method.forget_rate: auto``: the forget rate follows an estimate of the noise rate made
-while the pair trains.
+"""``method.forget_rate: auto`` (as decided by ``schedule.decide_forget_rate``): the forget
+rate follows an estimate of the noise rate made while the pair trains.
 
 At the end of each of the first max(method.num_gradual, 1) epochs (the ramp, while the
 forget rate is still rising), the trainer scores every training sample once, unaugmented,
@@ -22,30 +22,35 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from .config import Config
+from .config import ConfigError, MethodConfig
 from .dist import DistContext, all_gather_objects
-from .noise_rate import NoiseEstimate, estimate_noise_rate, sample_evidence
+from .noise_rate import MIN_SAMPLES_PER_CLASS, NoiseEstimate, estimate_noise_rate, sample_evidence
 from .schedule import forget_rate_schedule
 
 
 class AutoForgetRate:
-    """The latest estimate, whether it is final, and the forget-rate schedule it gives."""
+    """The latest estimate, whether it is final, and the forget rates it gives."""
 
-    def __init__(self, cfg: Config, num_classes: int):
-        self.cfg = cfg
+    def __init__(self, method: MethodConfig, epochs: int, num_classes: int, num_scored: int):
+        if num_scored < MIN_SAMPLES_PER_CLASS * num_classes:
+            raise ConfigError(f"method.forget_rate: auto needs at least {MIN_SAMPLES_PER_CLASS} training samples "
+                              f"per class to estimate the noise rate ({MIN_SAMPLES_PER_CLASS * num_classes} for "
+                              f"{num_classes} classes); this run trains on {num_scored}: set method.forget_rate "
+                              f"to a number")
+        self.method, self.epochs = method, epochs
         self.num_classes = num_classes
-        self.fallback = cfg.method.forget_rate_fallback
+        self.fallback = method.forget_rate_fallback
         self.estimate: Optional[float] = None   # the latest decided estimate
-        self.last_epoch = max(cfg.method.num_gradual, 1) - 1  # 0-based epoch of the final estimate
+        self.last_epoch = max(method.num_gradual, 1) - 1  # 0-based epoch of the final estimate
         self.final = False
 
     @property
     def tau(self) -> float:
         return self.estimate if self.estimate is not None else self.fallback
 
-    def schedule(self) -> np.ndarray:
-        m, t = self.cfg.method, self.cfg.train
-        return forget_rate_schedule(self.tau, t.epochs, m.num_gradual, m.exponent)
+    def forget_rates(self) -> np.ndarray:
+        """Per epoch: the ramp towards the newest estimate (or the fallback)."""
+        return forget_rate_schedule(self.tau, self.epochs, self.method.num_gradual, self.method.exponent)
 
     def wants(self, epoch: int) -> bool:
         """Whether the end of (0-based) epoch ``epoch`` is estimated."""

@@ -31,7 +31,7 @@ import torch
 
 from .config import ConfigError, config_from_dict, load_config
 from .data import build_data
-from .data.memory import MemoryTrainLoader
+from .data.memory import MemoryEvalLoader, MemoryTrainLoader
 from .data.shards import load_manifest
 from .data.shardset import open_shards
 from .data.sources import DataError
@@ -198,7 +198,8 @@ def _synthetic_bundle(cfg, ctx, steps: int) -> DataBundle:
     loader = MemoryTrainLoader(images, labels, labels, global_batch=cfg.train.batch_size, rank=ctx.rank,
                                world_size=ctx.world_size, seed=cfg.train.seed, device=ctx.device)
     return DataBundle(name=cfg.data.name, classes=[str(i) for i in range(classes)], in_channels=channels,
-                      image_size=side, train=loader, test=[], test_samples=0)
+                      image_size=side, train=loader, test=MemoryEvalLoader(images[:0], labels[:0], rank=ctx.rank,
+                                                                           world_size=ctx.world_size, device=ctx.device))
 
 
 def _header(cfg, trainer, ctx) -> dict:
@@ -264,14 +265,6 @@ class _StepClock:
             self._mark()
 
 
-def _close_workers(bundle: DataBundle) -> None:
-    """The stream's decoding workers ignore SIGTERM (the trainer checkpoints first), so the
-    interpreter's exit, which terminates and then joins them, would wait for ever: close them."""
-    pool = getattr(bundle.train, "pool", None)
-    if pool is not None:
-        pool.close()
-
-
 def bench_train(cfg, *, epochs: int, skip_steps: int = 0) -> dict:
     """Whole epochs with the configured loader (shards or memory), selection and logging;
     evaluation timed separately. The first epoch is a warm-up (compilation, worker start);
@@ -281,7 +274,9 @@ def bench_train(cfg, *, epochs: int, skip_steps: int = 0) -> dict:
     try:
         return _time_epochs(cfg, ctx, trainer, epochs, skip_steps)
     finally:
-        _close_workers(trainer.data)
+        # The stream's decoding workers ignore SIGTERM (the trainer checkpoints first), so the
+        # interpreter's exit, which terminates and then joins them, would wait for ever: close them.
+        trainer.data.train.close()
 
 
 def _time_epochs(cfg, ctx, trainer: Trainer, epochs: int, skip_steps: int) -> dict:

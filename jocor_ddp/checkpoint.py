@@ -1,4 +1,5 @@
-"""Atomic checkpoints, and finding the one to resume from.
+"""Atomic checkpoint files, and finding the one to resume from (what a file holds:
+``state.TrainingState``).
 
 A checkpoint counts only once complete: rank 0 writes a temporary file, flushes and
 fsyncs it, renames it over ``RUN/checkpoints/step-N.pt`` and fsyncs the folder, so a
@@ -13,7 +14,7 @@ import pickle
 import re
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -79,22 +80,23 @@ def load_checkpoint(path: str | Path) -> dict:
             f"it yourself. Detail: {detail}") from None
     except Exception as exc:  # truncated zip, bad magic, EOF, ...
         raise CheckpointError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or state.get("format") != 1:
-        raise CheckpointError(f"checkpoint {path}: not a jocor_ddp checkpoint (no format 1 marker)")
+    if not isinstance(state, dict) or not isinstance(state.get("format"), int):
+        raise CheckpointError(f"checkpoint {path}: not a jocor_ddp checkpoint (no format marker)")
     return state
 
 
-def find_resume(resume: str, folder: Path) -> tuple[Optional[Path], Optional[dict]]:
-    """The checkpoint to continue from: ``never`` -> none; a path -> that file (errors are
-    fatal); ``auto`` -> the newest that loads, skipping unreadable ones with a warning. An
-    unsafe file stops an auto resume too: falling back past a tampered file would hide it."""
+def find_resume(resume: str, folder: Path, read: Callable[[Path], Any] = load_checkpoint) -> tuple[Optional[Path], Any]:
+    """The checkpoint to continue from, and what ``read`` made of it: ``never`` -> none; a
+    path -> that file (errors are fatal); ``auto`` -> the newest that reads, skipping
+    unreadable ones with a warning. An unsafe file stops an auto resume too: falling back
+    past a tampered file would hide it."""
     if resume == "never":
         return None, None
     if resume != "auto":
-        return Path(resume), load_checkpoint(resume)
+        return Path(resume), read(Path(resume))
     for path in list_checkpoints(folder):
         try:
-            return path, load_checkpoint(path)
+            return path, read(path)
         except UnsafeCheckpointError:
             raise
         except CheckpointError as exc:

@@ -17,6 +17,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .registry import get_method, method_names
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or impossible."""
@@ -25,8 +27,6 @@ class ConfigError(ValueError):
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "clothing1m", "imagefolder")
 MODELS = ("mlp", "cnn", "resnet18", "resnet34", "resnet50")
 NOISE_TYPES = ("symmetric", "pairflip", "asymmetric", "none", "file")
-METHODS = ("jocor", "coteaching", "coteaching_plus", "decoupling", "standard")
-NO_FORGET_RATE = ("decoupling", "standard")  # methods that select no small-loss share
 FORGET_RATE_WORDS = ("auto",)  # method.forget_rate besides a number
 SELECTIONS = ("global", "local")
 SOURCES = ("memory", "shards")
@@ -198,7 +198,8 @@ class MethodConfig:
     co_lambda: float = 0.1
     # tau: null = the noise rate (half of it for asymmetric noise), as in the reference;
     # auto = estimated from the data while the pair trains (docs/methods.md), the default
-    # where the noise rate is unknown (noise.type: file, labels that came noisy).
+    # where the noise rate is unknown (noise.type: file, labels that came noisy). Decided
+    # once per run: schedule.decide_forget_rate.
     forget_rate: Optional[Union[float, str]] = None
     # auto: the tau used until the first estimate, and where the estimator cannot decide.
     forget_rate_fallback: float = 0.2
@@ -211,11 +212,11 @@ class MethodConfig:
     init_epoch: int = 20
 
     def __post_init__(self):
-        _choice("method.name", self.name, METHODS)
+        _choice("method.name", self.name, method_names())
         _range("method.co_lambda", self.co_lambda, 0.0, 1.0, hi_open=False)
         if isinstance(self.forget_rate, str):
             _choice("method.forget_rate", self.forget_rate, FORGET_RATE_WORDS)
-            if self.name in NO_FORGET_RATE:
+            if not get_method(self.name).selects:
                 raise ConfigError(f"method.forget_rate: auto: method.name={self.name} selects no small-loss "
                                   f"share, so it takes no forget rate; use jocor, coteaching or coteaching_plus")
         elif self.forget_rate is not None:
@@ -334,25 +335,6 @@ class Config:
 
     def __post_init__(self):
         _choice("selection", self.selection, SELECTIONS)
-
-    @property
-    def auto_forget_rate(self) -> bool:
-        """Whether tau is estimated: asked for, or the default where the noise rate is unknown
-        (a label file; the trainer also sets it for shards whose labels came noisy)."""
-        if self.method.name in NO_FORGET_RATE:
-            return False
-        return self.method.forget_rate == "auto" or (self.method.forget_rate is None and self.noise.type == "file")
-
-    @property
-    def forget_rate(self) -> Optional[float]:
-        """tau: the final share of each batch left out of the update (None: auto, estimated)."""
-        if self.auto_forget_rate:
-            return None
-        if self.method.forget_rate is not None:
-            return float(self.method.forget_rate)
-        if self.noise.type == "asymmetric":
-            return self.noise.rate / 2
-        return self.noise.rate
 
     def check_world_size(self, world_size: int) -> None:
         if self.train.batch_size % world_size:

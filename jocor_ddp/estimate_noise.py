@@ -71,7 +71,7 @@ def summary(trainer: Trainer, rows: list[dict]) -> str:
 def run(cfg: Config, ctx: DistContext, out: str | None) -> None:
     trainer = Trainer(cfg, ctx)
     if ctx.is_main:
-        print(f"estimating the noise rate of {cfg.data.name} ({trainer.data.train.num_samples} training "
+        print(f"estimating the noise rate of {cfg.data.name} ({trainer.data.train.index_range} training "
               f"samples): {trainer.auto.last_epoch + 1} epoch(s) of {cfg.method.name} training", flush=True)
     rows = estimate(trainer)
     if ctx.is_main:

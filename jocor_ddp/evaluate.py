@@ -50,7 +50,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     counts = torch.zeros(3, dtype=torch.float64, device=r.device)  # correct1, correct2, correct_avg
     confusion = torch.zeros(c * c, dtype=torch.int64, device=r.device)
     scored = 0
-    for batch, logits1, logits2 in r.score(r.data.test, r.data.test_samples, f"evaluate {split}"):
+    for batch, logits1, logits2 in r.score(r.data.test, r.data.test.num_samples, f"evaluate {split}"):
         avg = (logits1.softmax(1) + logits2.softmax(1)) / 2
         pred = avg.argmax(1)
         counts[0] += (logits1.argmax(1) == batch.y).sum()
@@ -58,16 +58,17 @@ def evaluate(args: argparse.Namespace) -> dict:
         counts[2] += (pred == batch.y).sum()
         confusion += torch.bincount(batch.y.long() * c + pred, minlength=c * c)
         scored += batch.y.shape[0]
-    if scored != r.data.test_samples:
-        raise CommandError(f"scored {scored} samples, the {split} split has {r.data.test_samples}")
+    expected = r.data.test.num_samples - r.data.test.left_out
+    if scored != expected:
+        raise CommandError(f"scored {scored} samples, the {split} split has {expected}")
     correct1, correct2, correct_avg = counts.tolist()
     result = {
         "checkpoint": str(r.path),
         "dataset": r.data.name,
         "split": split,
         "samples": scored,
-        "epoch": r.state.get("completed_epochs"),
-        "global_step": r.state.get("global_step"),
+        "epoch": r.state.epoch,
+        "global_step": r.state.global_step,
         # Percent, computed as the trainer computes test_acc1 / test_acc2.
         "acc1": 100.0 * correct1 / scored,
         "acc2": 100.0 * correct2 / scored,

@@ -24,6 +24,7 @@ from .checkpoint import CheckpointError
 from .config import ModelConfig
 from .models import build_network
 from .restore import CommandError, Restored, atomic_save, guarded, read_metrics, restore, run_dir_of
+from .state import TrainingState
 
 FORMAT = "jocor_ddp.export/1"
 BY = ("auto", "val", "test")
@@ -65,7 +66,7 @@ def unjudged(by: str, reason: str) -> tuple[int, str]:
     return 1, reason
 
 
-def choose_net(checkpoint: Path, state: dict, by: str = "auto") -> tuple[int, str]:
+def choose_net(checkpoint: Path, state: TrainingState, by: str = "auto") -> tuple[int, str]:
     """(1 or 2, why): the network with the higher accuracy in the metrics row of the
     checkpoint's epoch in RUN/metrics.jsonl, by val_acc or test_acc (``by``: val, test, or
     auto = val where the row has it); net 1 on a tie or without such a row (a row of another
@@ -76,9 +77,9 @@ def choose_net(checkpoint: Path, state: dict, by: str = "auto") -> tuple[int, st
         return unjudged(by, f"no metrics.jsonl next to the checkpoint {checkpoint}")
     rows = read_metrics(metrics)
     by_epoch = {r["epoch"]: r for r in rows}
-    row = by_epoch.get(state.get("completed_epochs"))
+    row = by_epoch.get(state.epoch)
     if row is None:
-        return unjudged(by, f"no row of epoch {state.get('completed_epochs')} in {metrics}")
+        return unjudged(by, f"no row of epoch {state.epoch} in {metrics}")
     if by == "val" and not has_val(row):
         raise CommandError(f"--by val: {metrics}, epoch {row['epoch']}: no val_acc1 / val_acc2: the run has no "
                            "validation split (train with data.val_fraction > 0, or use --by test)")

@@ -116,14 +116,3 @@ def build_pair(cfg: ModelConfig, in_channels: int, num_classes: int, image_size:
         torch.manual_seed(seed)
     return ModelPair(build_network(cfg, in_channels, num_classes, image_size),
                      build_network(cfg, in_channels, num_classes, image_size))
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP's ``.module`` and torch.compile's ``._orig_mod`` before saving."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model

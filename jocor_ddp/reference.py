@@ -84,8 +84,9 @@ def _constraints(cls: type) -> dict[str, str]:
                 and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)):
             continue
         key, fn, text = call.args[0].value, call.func.id, None
-        if fn == "_choice" and isinstance(call.args[2], ast.Name):
-            allowed = getattr(config_module, call.args[2].id)
+        if fn == "_choice" and isinstance(call.args[2], (ast.Name, ast.Call)):
+            arg = call.args[2]  # a tuple, or a function that lists them (method_names: the registry)
+            allowed = getattr(config_module, arg.id) if isinstance(arg, ast.Name) else getattr(config_module, arg.func.id)()
             text = ", ".join(f"`{a}`" for a in allowed)
         elif fn == "_range":
             lo, hi = (ast.literal_eval(a) for a in call.args[2:4])

@@ -37,13 +37,12 @@ from typing import Optional
 import yaml
 
 from .grid import Run, Sweep, load_sweep
+from .registry import display_name
 from .restore import CommandError, guarded, read_metrics, write_json
 from .tables import (LAST_EPOCHS, Table, best_acc, best_val_row, build_pick, build_table, kendall_tau,
                      last_epochs_mean, last_epochs_val_mean, mean_acc)
 
 NO_VAL = "–"  # a figure of a run without a validation split
-METHOD_NAMES = {"jocor": "JoCoR", "coteaching": "Co-teaching", "coteaching_plus": "Co-teaching+",
-                "decoupling": "Decoupling", "standard": "Standard"}
 
 
 @dataclass
@@ -62,7 +61,7 @@ class RunSummary:
 
     @property
     def label(self) -> str:
-        return f"{METHOD_NAMES.get(self.method, self.method)} ({self.noise})"
+        return f"{display_name(self.method)} ({self.noise})"
 
 
 def describe_noise(cfg: dict) -> str:
@@ -234,7 +233,7 @@ def plot_sweep(table: Table, out: Path) -> list[Path]:
                 per_epoch = [[s[e] for s in series] for e in range(n)]
                 mean = [sum(v) / len(v) for v in per_epoch]
                 epochs = list(range(1, n + 1))
-                name = f"{METHOD_NAMES.get(method, method)} ({len(series)} run{'s' if len(series) > 1 else ''}"
+                name = f"{display_name(method)} ({len(series)} run{'s' if len(series) > 1 else ''}"
                 name += f"; {len(cell.unfinished)} unfinished left out)" if cell.unfinished else ")"
                 line, = ax.plot(epochs, mean, label=name)
                 if len(series) > 1:

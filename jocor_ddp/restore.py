@@ -18,12 +18,13 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError, config_from_dict
 from .data import DataBundle, DataError, build_data
 from .dist import DistContext
 from .models import ModelPair, build_pair
 from .progress import Progress, progress_enabled
+from .state import TrainingState, read_state
 from .step import autocast
 
 
@@ -99,7 +100,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 @dataclass
 class Restored:
     path: Path
-    state: dict
+    state: TrainingState
     cfg: Config
     pair: ModelPair
     device: torch.device
@@ -108,7 +109,7 @@ class Restored:
 
     def autocast(self):
         """The precision the run was trained and evaluated in, so that scores match metrics.jsonl."""
-        return autocast(self.state.get("precision", "fp32"), self.device)
+        return autocast(self.state.precision, self.device)
 
     @torch.no_grad()
     def score(self, batches: Iterable, total: int, desc: str) -> Iterator[tuple]:
@@ -125,10 +126,10 @@ class Restored:
         bar.close()
 
 
-def checkpoint_config(state: dict, path: Path, *, shards: Optional[str] = None,
+def checkpoint_config(state: TrainingState, path: Path, *, shards: Optional[str] = None,
                       split: Optional[str] = None, root: Optional[str] = None) -> Config:
     """The run's resolved config, with the data overrides of the command line."""
-    tree = copy.deepcopy(state.get("config"))
+    tree = copy.deepcopy(state.config)
     if not isinstance(tree, dict) or not isinstance(tree.get("data", {}), dict):
         raise CheckpointError(f"checkpoint {path}: holds no config")
     data = tree.setdefault("data", {})
@@ -144,25 +145,20 @@ def checkpoint_config(state: dict, path: Path, *, shards: Optional[str] = None,
         raise ConfigError(f"checkpoint {path}: its config cannot be used here: {exc}") from None
 
 
-def bundle_meta(bundle: DataBundle) -> dict:
-    return {"name": bundle.name, "classes": list(bundle.classes), "in_channels": bundle.in_channels,
-            "image_size": bundle.image_size, "normalization": bundle.normalization}
-
-
 def restore(path: str | Path, *, with_data: bool, shards: Optional[str] = None, split: Optional[str] = None,
             root: Optional[str] = None, device: str = "auto") -> Restored:
     """Load ``path`` (safely), rebuild its config and pair on the device, and the data when
     ``with_data`` (or when the checkpoint has no data_meta to size the networks with)."""
     path = Path(path)
-    state = load_checkpoint(path)
+    state = read_state(path)
     cfg = checkpoint_config(state, path, shards=shards, split=split, root=root)
     dev = pick_device(device)
-    meta = state.get("data_meta")
+    meta = state.data_meta
     bundle = None
     if with_data or meta is None:
         bundle = build_data(cfg, DistContext(device=dev))
         if meta is None:
-            meta = bundle_meta(bundle)
+            meta = bundle.meta
         elif len(meta["classes"]) != bundle.num_classes:
             raise CommandError(f"the data ({bundle.name}) has {bundle.num_classes} classes; checkpoint "
                                f"{path} was trained on {len(meta['classes'])}")
@@ -170,7 +166,7 @@ def restore(path: str | Path, *, with_data: bool, shards: Optional[str] = None, 
     model_cfg = dataclasses.replace(cfg.model, weights=None)
     pair = build_pair(model_cfg, meta["in_channels"], len(meta["classes"]), meta["image_size"])
     try:
-        pair.load_state_dict(state["model"])
+        pair.load_state_dict(state.model)
     except (RuntimeError, KeyError, TypeError) as exc:
         raise CheckpointError(
             f"checkpoint {path}: its weights do not fit a {cfg.model.arch} pair for {len(meta['classes'])} "

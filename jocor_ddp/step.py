@@ -28,12 +28,13 @@ from typing import Iterable, Optional
 
 import torch
 
-from .config import Config, ConfigError
-from .data import Batch
+from .config import ConfigError, MethodConfig, TrainConfig
+from .data import Batch, ResidentTrainLoader, StreamedTrainLoader, TrainLoader
 from .dist import DistContext, all_reduce_sum
 from .faults import FaultInjector
-from .methods import MethodStep, Schedule, get_method
+from .methods import EpochValues, MethodStep, get_method
 from .methods.selection import Selector
+from .registry import get_method as method_entry
 
 # Eager steps before the capture: Adam's state, cuBLAS / cuDNN handles and torch.compile's
 # kernels are created lazily on first use, and a capture must find them all in place.
@@ -68,12 +69,12 @@ def autocast(precision: str, device: torch.device):
     return nullcontext()
 
 
-def resolve_sync_every(cfg: Config, device: torch.device) -> int:
+def resolve_sync_every(train: TrainConfig, device: torch.device) -> int:
     """train.sync_every, with auto (null) = 1 where a sync costs nothing (CPU) or the verdict
     is needed at once (on_nonfinite=skip), else CUDA_SYNC_EVERY."""
-    if cfg.train.sync_every is not None:
-        return cfg.train.sync_every
-    return 1 if device.type != "cuda" or cfg.train.on_nonfinite == "skip" else CUDA_SYNC_EVERY
+    if train.sync_every is not None:
+        return train.sync_every
+    return 1 if device.type != "cuda" or train.on_nonfinite == "skip" else CUDA_SYNC_EVERY
 
 
 def build_optimizer(params, lr: float, device: torch.device) -> tuple[torch.optim.Optimizer, Optional[torch.Tensor]]:
@@ -97,17 +98,44 @@ def detached(out: MethodStep) -> MethodStep:
     return dataclasses.replace(out, loss=out.loss.detach())
 
 
+class KeptHistory:
+    """Which training samples updated a network: this epoch's flags (filled by the step, in
+    place) and, per sample, bit j set = kept in the j-th most recent finished epoch (16 at
+    most). Identical on every rank: built from all-gathered indices. For the audit."""
+
+    def __init__(self, num_samples: int, device: torch.device):
+        self.kept = torch.zeros(num_samples, dtype=torch.uint8, device=device)
+        self.bits = torch.zeros(num_samples, dtype=torch.int64, device=device)
+        self.epochs = 0
+
+    def roll(self) -> None:
+        """At an epoch's end: its flags become bit 0."""
+        self.bits = ((self.bits << 1) | self.kept.long()) & 0xFFFF
+        self.epochs = min(self.epochs + 1, 16)
+        self.kept.zero_()
+
+    def state_dict(self) -> dict:
+        return {"bits": self.bits.cpu(), "epochs": self.epochs, "kept": self.kept.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        # A checkpoint of another training split (a changed data.train_subset) has no history here.
+        if state.get("bits") is not None and state["bits"].shape == self.bits.shape:
+            self.bits.copy_(state["bits"])
+            self.kept.copy_(state["kept"])
+            self.epochs = state["epochs"]
+
+
 class EpochCounters:
     """An epoch's accounting, kept on the device and read once at its end. They travel in
     mid-epoch checkpoints, so that a resumed epoch reports what an uninterrupted one would."""
 
-    def __init__(self, num_train: int, device: torch.device):
-        # kept, kept with a known clean label, kept and clean, bad samples (integers, in float64)
-        self.counts = torch.zeros(4, dtype=torch.float64, device=device)
+    def __init__(self, kept: torch.Tensor, device: torch.device):
+        # kept, kept with a known clean label, kept and clean (integers, in float64)
+        self.counts = torch.zeros(3, dtype=torch.float64, device=device)
         # the sum over steps of the batch objective (the same on every rank)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        # per training sample: kept by some network this epoch (for the audit)
-        self.kept_epoch = torch.zeros(num_train, dtype=torch.uint8, device=device)
+        # per training sample: kept by some network this epoch (KeptHistory.kept, for the audit)
+        self.kept = kept
         # (global step, kind: 1 loss / 2 gradient, position in the global batch) of the first
         # non-finite step not yet reported; -1 while all is well. Read at sync points.
         self.first_bad = torch.full((3,), -1, dtype=torch.int64, device=device)
@@ -115,8 +143,7 @@ class EpochCounters:
         self.skipped_steps = 0
 
     def start_epoch(self) -> None:
-        """In place: a captured step keeps adding to these very tensors. ``kept_epoch`` is
-        rolled into the history (and zeroed) by the trainer at the end of each epoch."""
+        """In place: a captured step keeps adding to these very tensors."""
         self.counts.zero_()
         self.loss_sum.zero_()
         self.trained_steps = self.skipped_steps = 0
@@ -124,29 +151,24 @@ class EpochCounters:
     def add(self, batch: Batch, out: MethodStep, sel: Selector) -> None:
         kept = out.kept_local  # (sets, b): label precision pools the kept sets
         known = batch.clean >= 0
-        self.counts[:3].add_(torch.stack([kept.sum(), (kept & known).sum(),
-                                          (kept & known & (batch.y == batch.clean)).sum()]))
+        self.counts.add_(torch.stack([kept.sum(), (kept & known).sum(),
+                                      (kept & known & (batch.y == batch.clean)).sum()]))
         self.loss_sum.add_(out.objective.double())
         # Which training samples updated a network this epoch; a scatter, not boolean indexing.
-        self.kept_epoch.scatter_reduce_(0, sel.gather(batch.idx), out.kept_global.any(0).to(torch.uint8),
-                                        reduce="amax")
+        self.kept.scatter_reduce_(0, sel.gather(batch.idx), out.kept_global.any(0).to(torch.uint8), reduce="amax")
 
     def note_bad(self, record: torch.Tensor) -> None:
         self.first_bad.copy_(torch.where(self.first_bad[0] < 0, record, self.first_bad))
 
-    def state(self, ctx: DistContext, loader_bad: int = 0) -> dict:
+    def state_dict(self, ctx: DistContext) -> dict:
         """Totals over all ranks (a collective): integers in float64, so the sum is exact
-        and a resume with another world size continues the same totals. ``loader_bad``: the
-        bad samples this rank's loader met so far this epoch (data.on_bad_sample: skip)."""
-        counts = self.counts.clone()
-        counts[3] += loader_bad
-        totals = all_reduce_sum(ctx, counts)
-        return {"counts": totals.cpu(), "loss_sum": self.loss_sum.cpu(),
+        and a resume with another world size continues the same totals."""
+        return {"counts": all_reduce_sum(ctx, self.counts.clone()).cpu(), "loss_sum": self.loss_sum.cpu(),
                 "trained_steps": self.trained_steps, "skipped_steps": self.skipped_steps}
 
-    def load(self, state: dict, ctx: DistContext) -> None:
+    def load_state_dict(self, state: dict, ctx: DistContext) -> None:
         # The totals of all ranks: rank 0 carries them on, the others start from zero.
-        self.counts.copy_(state["counts"] if ctx.is_main else torch.zeros(4, dtype=torch.float64))
+        self.counts.copy_(state["counts"] if ctx.is_main else torch.zeros(3, dtype=torch.float64))
         self.loss_sum.copy_(state["loss_sum"])
         self.trained_steps, self.skipped_steps = state["trained_steps"], state["skipped_steps"]
 
@@ -155,7 +177,7 @@ class IndexFeed:
     """Data resident on the device: the step gathers its batch from the epoch's order with a
     device step counter, so a replayed graph needs nothing from the host between steps."""
 
-    def __init__(self, loader, device: torch.device):
+    def __init__(self, loader: ResidentTrainLoader, device: torch.device):
         self.loader = loader
         self.plan: Optional[dict] = None  # the epoch's device tensors (order, crops), fixed shapes
         self.position = torch.zeros((), dtype=torch.int64, device=device)
@@ -187,7 +209,7 @@ class CopyFeed:
     """Streamed data: each batch's uint8 pixels, indices and crop parameters are copied into
     fixed device buffers; the step gathers the labels and places the pixels from them."""
 
-    def __init__(self, loader):
+    def __init__(self, loader: StreamedTrainLoader):
         self.loader = loader
         self.buffers = loader.buffers()
 
@@ -209,7 +231,7 @@ class CopyFeed:
         return self.loader.error
 
 
-def capture_blocker(cfg: Config, ctx: DistContext, tensor_lr: bool) -> Optional[str]:
+def capture_blocker(train: TrainConfig, ctx: DistContext, tensor_lr: bool) -> Optional[str]:
     """Why this run's step cannot be captured, or None when it can."""
     if ctx.device.type != "cuda":
         return "the training device is not CUDA"
@@ -218,7 +240,7 @@ def capture_blocker(cfg: Config, ctx: DistContext, tensor_lr: bool) -> Optional[
         # error handling off), but that path has not been verified here on several GPUs.
         return (f"{ctx.world_size} ranks: only a one-process step is captured (several ranks run the "
                 f"same sync-free step eagerly)")
-    if cfg.train.on_nonfinite == "skip":
+    if train.on_nonfinite == "skip":
         return "train.on_nonfinite=skip reads every step's verdict on the host before the update"
     if not tensor_lr:
         return f"this torch ({torch.__version__}) has no fused Adam with a tensor learning rate on {ctx.device.type}"
@@ -226,37 +248,40 @@ def capture_blocker(cfg: Config, ctx: DistContext, tensor_lr: bool) -> Optional[
 
 
 class TrainStep:
-    """The step and everything it owns: optimizer, scaler, schedule tensors, input feed,
+    """The step and everything it owns: optimizer, scaler, the epoch's values, input feed,
     counters and, on CUDA, the captured graph."""
 
-    def __init__(self, cfg: Config, ctx: DistContext, model: torch.nn.Module, pair: torch.nn.Module,
-                 loader, num_train: int, precision: str, memory_format: torch.memory_format):
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(self, train: TrainConfig, method: MethodConfig, selection: str, ctx: DistContext,
+                 model: torch.nn.Module, pair: torch.nn.Module, loader: TrainLoader, history: KeptHistory,
+                 precision: str, memory_format: torch.memory_format):
+        self.train_cfg, self.ctx = train, ctx
         self.model, self.pair = model, pair
         self.params = list(pair.parameters())
         self.precision = precision
         self.memory_format = memory_format
         dev = ctx.device
-        self.optimizer, self.lr = build_optimizer(self.params, cfg.train.lr, dev)
+        self.optimizer, self.lr = build_optimizer(self.params, train.lr, dev)
         self.optimizer_flags = {k: self.optimizer.defaults[k] for k in ("fused", "capturable", "foreach")}
         self.scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
-        self.method = get_method(cfg.method.name, cfg.method.co_lambda, cfg.method.init_epoch)
-        self.selector = Selector(cfg.selection, ctx)
-        self.schedule = Schedule.on(dev)
-        self.counters = EpochCounters(num_train, dev)
-        self.feed = IndexFeed(loader, dev) if hasattr(loader, "epoch_plan") else CopyFeed(loader)
+        self.method_entry = method_entry(method.name)
+        self.method = get_method(method.name, method)
+        self.selector = Selector(selection, ctx)
+        self.values = EpochValues.on(dev)
+        self.counters = EpochCounters(history.kept, dev)
+        self.feed = IndexFeed(loader, dev) if loader.resident else CopyFeed(loader)
         # The global step on the device, for the non-finite record; the host keeps its own.
-        self.step_index = torch.zeros((), dtype=torch.int64, device=dev)
+        self.device_step = torch.zeros((), dtype=torch.int64, device=dev)
         self.global_step = 0
-        self.skip_nonfinite = cfg.train.on_nonfinite == "skip"
+        self.skipped_steps = 0  # over the whole run
+        self.skip_nonfinite = train.on_nonfinite == "skip"
         self.faults = FaultInjector(ctx.rank)
         # The nan fault multiplies the logits by a device scalar set before each step (1, or
         # NaN on the chosen step), so that it reaches a replayed graph too.
         self.nan_gate = torch.ones((), device=dev) if self.faults.has("nan") else None
         self.last: Optional[tuple[Batch, MethodStep]] = None  # the latest step's batch and outputs
 
-        blocker = capture_blocker(cfg, ctx, self.lr is not None)
-        wanted = cfg.train.cuda_graph
+        blocker = capture_blocker(train, ctx, self.lr is not None)
+        wanted = train.cuda_graph
         if wanted is True and blocker:
             raise ConfigError(f"train.cuda_graph: true, but the step cannot be captured: {blocker}")
         self.capture = wanted is not False and blocker is None
@@ -281,7 +306,7 @@ class TrainStep:
     def begin_epoch(self, epoch: int, start_step: int, *, lr: float, beta1: float, forget_rate: float,
                     counters: Optional[dict] = None) -> None:
         """Point the step at epoch ``epoch``, step ``start_step``: every change in place."""
-        self.schedule.set(forget_rate, epoch)
+        self.values.set(forget_rate, epoch)
         for group in self.optimizer.param_groups:
             if self.lr is not None:
                 self.lr.fill_(lr)
@@ -295,25 +320,43 @@ class TrainStep:
             # train.epoch_decay_start): capture once more, at the next step.
             self.graph = None
         self.feed.begin_epoch(epoch, start_step)
-        self.step_index.fill_(self.global_step)
+        self.device_step.fill_(self.global_step)
         if counters is not None:
-            self.counters.load(counters, self.ctx)
+            self.counters.load_state_dict(counters, self.ctx)
         else:
             self.counters.start_epoch()
 
-    def loaded(self) -> None:
-        """After the optimizer's state was loaded from a checkpoint. Its tensors are new, so a
-        graph captured before would update the old ones: capture again. A checkpoint may come
-        from another Adam (an older version, another device): the loaded param groups carry
-        its flags, so this step's own flags come back, with the step counts where they need
-        to be (on the parameters' device, for the fused kernel)."""
+    def end_epoch(self) -> None:
+        self.skipped_steps += self.counters.skipped_steps
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def state_dict(self, mid_epoch: bool) -> dict:
+        """Optimizer, scaler, skipped steps and, ``mid_epoch``, the epoch's counters so far
+        (totals over the ranks: a collective, on every rank)."""
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "skipped_steps": self.skipped_steps,
+                "counters": self.counters.state_dict(self.ctx) if mid_epoch else None}
+
+    def load_state_dict(self, state: dict) -> Optional[dict]:
+        """Everything but the epoch's counters, which ``begin_epoch`` takes; returns them.
+
+        The optimizer's loaded tensors are new, so a graph captured before would update the
+        old ones: capture again. A checkpoint may come from another Adam (an older version,
+        another device): the loaded param groups carry its flags, so this step's own flags
+        come back, with the step counts where they need to be (on the parameters' device,
+        for the fused kernel)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.skipped_steps = state["skipped_steps"]
         self.graph = None
         for group in self.optimizer.param_groups:
             group.update(self.optimizer_flags)
         if self.lr is not None:
-            for state in self.optimizer.state.values():
-                if "step" in state:
-                    state["step"] = state["step"].to(device=self.ctx.device, dtype=torch.float32)
+            for param_state in self.optimizer.state.values():
+                if "step" in param_state:
+                    param_state["step"] = param_state["step"].to(device=self.ctx.device, dtype=torch.float32)
+        return state["counters"]
 
     def run(self, item: Optional[Batch] = None) -> None:
         """One training step on ``item`` (a streamed batch; None for resident data)."""
@@ -340,13 +383,13 @@ class TrainStep:
             logits1, logits2 = self.model(x)
         if self.nan_gate is not None:
             logits1 = logits1 * self.nan_gate
-        out = self.method(logits1, logits2, batch.y, self.schedule, self.selector)
+        out = self.method(logits1, logits2, batch.y, self.values, self.selector)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         record = self._nonfinite_record(out)
-        self.step_index.add_(1)
+        self.device_step.add_(1)
         return batch, out, record
 
     def _nonfinite_record(self, out: MethodStep) -> torch.Tensor:
@@ -363,7 +406,7 @@ class TrainStep:
             norms = torch._foreach_norm(grads) if grads else [torch.zeros((), device=dev)]
             grad_bad = ~torch.isfinite(torch.stack(norms)).all()
         kind = torch.where(loss_bad, 1, torch.where(grad_bad, 2, 0))
-        record = torch.stack([self.step_index, kind, torch.argmax(bad_columns.to(torch.uint8))])
+        record = torch.stack([self.device_step, kind, torch.argmax(bad_columns.to(torch.uint8))])
         return torch.where(loss_bad | grad_bad, record, -1)
 
     def _update(self, batch: Batch, out: MethodStep) -> None:
@@ -423,7 +466,7 @@ class TrainStep:
                 outputs = self._body()
         except Exception as exc:  # a speed feature never ends a run: say why, train eagerly
             cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            if self.cfg.train.cuda_graph is True:
+            if self.train_cfg.cuda_graph is True:
                 raise CaptureError(f"train.cuda_graph: true, but capturing the step failed: {cause}") from exc
             if self.ctx.is_main:
                 print(f"warning: cuda graph: capturing the step failed ({cause}); training eagerly", flush=True)
@@ -443,13 +486,12 @@ class TrainStep:
     # --- reporting --------------------------------------------------------------------
 
     def describe_bad(self, step: int, kind: int, pos: int) -> str:
-        b = self.cfg.train.batch_size // self.ctx.world_size
+        b = self.train_cfg.batch_size // self.ctx.world_size
         if kind == 1:
-            what = "joint loss" if self.cfg.method.name == "jocor" else "loss"
-            what = f"non-finite {what} at rank {pos // b}, batch position {pos % b}"
+            what = f"non-finite {self.method_entry.loss_name} at rank {pos // b}, batch position {pos % b}"
         else:
             what = "non-finite gradient"
-        epoch = int(self.schedule.epoch)
+        epoch = int(self.values.epoch)
         return f"{what} in epoch {epoch + 1}, step {step} (global)"
 
     def raise_bad(self, step: int, kind: int, pos: int):

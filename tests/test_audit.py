@@ -12,6 +12,7 @@ from tiny_run import N_TRAIN, final_checkpoint, tiny_run
 
 from jocor_ddp import audit
 from jocor_ddp.checkpoint import CheckpointError, load_checkpoint
+from jocor_ddp.state import read_state
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +51,18 @@ def test_flag_quality_known_answers():
 def test_kept_share_from_a_hand_made_checkpoint():
     history = torch.tensor([0b0, 0b1, 0b11, 0b110, 0b111, (1 << 15) | (1 << 10) | 0b1, 0xFFFF],
                            dtype=torch.int64)
-    share, window = audit.history_share({"kept_history": history, "kept_history_epochs": 3}, "x.pt", 7)
+    share, window = audit.history_share({"bits": history, "epochs": 3}, "x.pt", 7)
     assert window == 3
     assert share.tolist() == pytest.approx([0, 1 / 3, 2 / 3, 2 / 3, 1, 1 / 3, 1])
     # 16 epochs recorded: only the newest 10 bits count (bits 10 and 15 are older).
-    share, window = audit.history_share({"kept_history": history, "kept_history_epochs": 16}, "x.pt", 7)
+    share, window = audit.history_share({"bits": history, "epochs": 16}, "x.pt", 7)
     assert window == 10
     assert share.tolist() == pytest.approx([0, 0.1, 0.2, 0.2, 0.3, 0.1, 1])
 
-    assert audit.history_share({"kept_history": history, "kept_history_epochs": 0}, "x.pt", 7) == (None, 0)
+    assert audit.history_share({"bits": history, "epochs": 0}, "x.pt", 7) == (None, 0)
     assert audit.history_share({}, "x.pt", 7) == (None, 0)
     with pytest.raises(CheckpointError, match="x.pt"):
-        audit.history_share({"kept_history": history, "kept_history_epochs": 3}, "x.pt", 8)
+        audit.history_share({"bits": history, "epochs": 3}, "x.pt", 8)
 
 
 def test_flag_rule():
@@ -112,17 +113,16 @@ def test_audit_command_on_a_real_checkpoint(run, tmp_path, capsys):
     out = tmp_path / "audit.csv"
     assert audit.main([str(final_checkpoint(run)), "--out", str(out), "--device", "cpu"]) == 0
     rows, summary = read_audit(out)
-    state = load_checkpoint(final_checkpoint(run))
-    assert summary["kept_share_epochs"] == min(state["kept_history_epochs"], 10) > 0
+    state = read_state(final_checkpoint(run))
+    assert summary["kept_share_epochs"] == min(state.history["epochs"], 10) > 0
     check_audit_csv(rows, summary, with_history=True)
     printed = capsys.readouterr().out
     assert summary["rule"] in printed and "precision" in printed and "recall" in printed
 
 
 def test_audit_without_kept_history(run, tmp_path):
-    state = load_checkpoint(final_checkpoint(run))
-    state.pop("kept_history", None)
-    state.pop("kept_history_epochs", None)
+    state = load_checkpoint(final_checkpoint(run))  # the file as written
+    state["history"] = {"bits": None, "epochs": None, "kept": None}
     ckpt = tmp_path / "old.pt"
     torch.save(state, ckpt)
     out = tmp_path / "audit.csv"
@@ -132,9 +132,11 @@ def test_audit_without_kept_history(run, tmp_path):
     check_audit_csv(rows, summary, with_history=False)
 
 
-def test_the_forget_rate_of_an_auto_run_is_its_estimate():
-    from jocor_ddp.config import load_config
-    auto = load_config(None, ["method.forget_rate=auto", "method.forget_rate_fallback=0.25"])
-    assert audit.run_forget_rate(auto, {"forget_rate_auto": {"estimate": 0.31, "final": True}}) == 0.31
-    assert audit.run_forget_rate(auto, {"forget_rate_auto": {"estimate": None, "final": True}}) == 0.25
-    assert audit.run_forget_rate(load_config(None, ["noise.rate=0.4"]), {}) == 0.4
+def test_the_forget_rate_of_an_auto_run_is_its_estimate(run):
+    state = read_state(final_checkpoint(run))
+    state.forget_rate = {"auto": True, "tau": 0.25, "why": "auto", "estimate": 0.31, "final": True}
+    assert state.final_tau == 0.31
+    state.forget_rate["estimate"] = None  # never decided: the fallback
+    assert state.final_tau == 0.25
+    state.forget_rate = {"auto": False, "tau": 0.4, "why": "the noise rate"}
+    assert state.final_tau == 0.4

@@ -88,10 +88,10 @@ def test_given_labels_are_the_noisy_ones(tmp_path):
             assert y == noisy[i] and c == clean[i]
             seen += 1
     assert seen == 32
-    assert bundle.test_samples == len(expected["test"])
+    assert bundle.test.num_samples == len(expected["test"])
     val = build_data(shard_cfg(shards, cache="device", eval_split="val", resize_size=36, crop_size=32),
                      DistContext())
-    assert val.test_samples == len(expected["val"])
+    assert val.test.num_samples == len(expected["val"])
     assert sorted(torch.cat([b.y for b in val.test]).tolist()) == sorted(label for _, label, _ in expected["val"])
     with pytest.raises(ConfigError, match="noise.type: clothing1m's labels are already noisy"):
         cfg = shard_cfg(shards)

@@ -5,6 +5,7 @@ import yaml
 
 from helpers import run_python, run_torchrun
 from jocor_ddp.config import ConfigError, load_config
+from jocor_ddp.schedule import ForgetRate, decide_forget_rate
 
 BAD = [
     (["noise.rate=1.0"], r"noise\.rate: 1\.0 is outside \[0\.0, 1\.0\)"),
@@ -65,19 +66,30 @@ def test_overrides_beat_yaml_and_types_are_read(tmp_path):
     assert cfg.noise.rate == 0.2 and cfg.model.weights is None and cfg.data.augment is True
 
 
+def tau(*overrides, labels_noisy=False):
+    cfg = load_config(None, list(overrides))
+    return decide_forget_rate(cfg.method, cfg.noise, labels_noisy)
+
+
 def test_forget_rate_defaults_follow_the_reference():
-    assert load_config(None, ["noise.rate=0.5"]).forget_rate == 0.5
-    assert load_config(None, ["noise.type=asymmetric", "noise.rate=0.4"]).forget_rate == 0.2
-    assert load_config(None, ["noise.rate=0.4", "method.forget_rate=0.3"]).forget_rate == 0.3
+    assert tau("noise.rate=0.5") == ForgetRate(False, 0.5, "the noise rate, as the reference")
+    assert tau("noise.type=asymmetric", "noise.rate=0.4").tau == 0.2
+    assert tau("noise.rate=0.4", "method.forget_rate=0.3").tau == 0.3
+    # Methods that keep no small-loss share take none.
+    assert tau("noise.rate=0.4", "method.name=standard") == ForgetRate(False, 0.0, "standard keeps no small-loss share")
 
 
-def test_forget_rate_auto_is_asked_for_or_the_default_for_label_files():
-    auto = load_config(None, ["method.forget_rate=auto"])
-    assert auto.auto_forget_rate and auto.forget_rate is None
-    # A label file's noise rate is unknown: auto unless a number is given.
-    assert load_config(None, ["noise.type=file", "noise.file=x.npy"]).auto_forget_rate
-    assert load_config(None, ["noise.type=file", "noise.file=x.npy", "method.forget_rate=0.3"]).forget_rate == 0.3
-    assert not load_config(None, ["noise.rate=0.5"]).auto_forget_rate
+def test_forget_rate_auto_is_asked_for_or_the_default_where_the_noise_rate_is_unknown():
+    assert tau("method.forget_rate=auto", "method.forget_rate_fallback=0.3") == \
+        ForgetRate(True, 0.3, "method.forget_rate: auto")
+    # A label file's noise rate is unknown, and so is that of labels that came noisy (Clothing1M's
+    # shards): auto unless a number is given.
+    assert tau("noise.type=file", "noise.file=x.npy").auto
+    assert tau("noise.type=none", "noise.rate=0", labels_noisy=True).auto
+    assert tau("noise.type=none", "noise.rate=0", "method.forget_rate=0.3", labels_noisy=True).tau == 0.3
+    assert tau("noise.type=file", "noise.file=x.npy", "method.forget_rate=0.3") == \
+        ForgetRate(False, 0.3, "method.forget_rate")
+    assert not tau("noise.rate=0.5").auto
 
 
 def test_cli_reports_config_error_without_traceback():

@@ -9,6 +9,7 @@ import yaml
 
 from helpers import REPO
 from jocor_ddp.config import load_config
+from jocor_ddp.schedule import decide_forget_rate
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -68,7 +69,7 @@ def test_paper_config_holds_the_reference_values(key):
     assert cfg.data.name == dataset
     assert cfg.noise.type == ("asymmetric" if setting.startswith("asym") else "symmetric")
     assert cfg.noise.rate == rate and cfg.noise.seed == 0
-    assert cfg.forget_rate == pytest.approx(rate / 2 if setting.startswith("asym") else rate)
+    assert decide_forget_rate(cfg.method, cfg.noise, False).tau == pytest.approx(rate / 2 if setting.startswith("asym") else rate)
     assert cfg.model.arch == ARCH[dataset]
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr) == (200, 128, 0.001)
     assert cfg.train.epoch_decay_start == DECAY_START[dataset]
@@ -88,8 +89,9 @@ def test_clothing1m_config():
     cfg = load_config(str(path))
     assert (cfg.data.name, cfg.data.source, cfg.data.shards) == ("clothing1m", "shards", "/data/shards/clothing1m")
     assert cfg.noise.type == "none"
-    # With no synthetic noise the forget rate cannot come from noise.rate: it must be set.
-    assert 0 < cfg.forget_rate < 1
+    # With no synthetic noise the forget rate cannot come from noise.rate: set, or auto.
+    tau = decide_forget_rate(cfg.method, cfg.noise, labels_noisy=True)
+    assert 0 < tau.tau < 1 and not tau.auto
     assert cfg.model.arch == "resnet18" and cfg.model.weights and not cfg.model.cifar_stem
     assert cfg.train.batch_size == 64
     text = path.read_text()

@@ -18,9 +18,11 @@ from jocor_ddp.config import load_config
 from jocor_ddp.dist import DistContext
 from jocor_ddp.step import CaptureError
 from jocor_ddp.trainer import Trainer
+from jocor_ddp.registry import method_names
+from jocor_ddp.state import read_state
 
 pytestmark = pytest.mark.cuda
-METHODS = ["jocor", "coteaching", "coteaching_plus", "decoupling", "standard"]
+METHODS = method_names()
 STEPS = 50
 
 
@@ -126,7 +128,7 @@ def test_captured_run_stopped_mid_epoch_resumes_bit_for_bit(mnist, tmp_path):
     def final(run):
         rows = [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
                 for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return rows, torch.load(list_checkpoints(run / "checkpoints")[0], weights_only=True)["model"]
+        return rows, read_state(list_checkpoints(run / "checkpoints")[0]).model
     (rows_a, model_a), (rows_b, model_b) = final(tmp_path / "a"), final(tmp_path / "b")
     assert rows_a == rows_b
     for k in model_a:

@@ -19,6 +19,7 @@ import torch
 
 from helpers import FASHION_MNIST, REPO, make_mnist, metric_rows
 from jocor_ddp.checkpoint import list_checkpoints
+from jocor_ddp.state import read_state
 
 pytestmark = pytest.mark.docker
 
@@ -80,9 +81,9 @@ def _run_args(name: str, run_name: str, data: Path, runs: Path, *, detach: bool 
 
 
 def _final_state(run_dir: Path) -> dict:
-    state = torch.load(list_checkpoints(run_dir / "checkpoints")[0], weights_only=True)
-    assert (state["epoch"], state["global_step"]) == (1, STEPS), "the run did not end its epoch"
-    return state["model"]
+    state = read_state(list_checkpoints(run_dir / "checkpoints")[0])
+    assert (state.epoch, state.global_step) == (1, STEPS), "the run did not end its epoch"
+    return state.model
 
 
 def _logs(name: str) -> str:
@@ -122,9 +123,9 @@ def test_train_stop_and_resume_in_containers(image, data, tmp_path, containers):
     # 143 (128 + SIGTERM), from launch/multinode.sh: stopped, not failed, and not SIGKILLed (137).
     assert exit_code == "143" and took < 10, f"exit {exit_code} after {took:.1f} s\n{logs[-8000:]}"
     assert "checkpoint written; rerun the same command to continue" in logs, logs[-8000:]
-    state = torch.load(list_checkpoints(stopped / "checkpoints")[0], weights_only=True)
-    assert EVERY <= state["global_step"] < STEPS and state["epoch"] == 0, "not a mid-epoch checkpoint"
-    print(f"docker stop returned in {took:.1f} s: exit {exit_code}, checkpoint at step {state['global_step']}/{STEPS}")
+    state = read_state(list_checkpoints(stopped / "checkpoints")[0])
+    assert EVERY <= state.global_step < STEPS and state.epoch == 0, "not a mid-epoch checkpoint"
+    print(f"docker stop returned in {took:.1f} s: exit {exit_code}, checkpoint at step {state.global_step}/{STEPS}")
     assert not (stopped / "metrics.jsonl").exists() or not (stopped / "metrics.jsonl").read_text().strip()
 
     # 3. A third container with the same command resumes and ends where the first one did.

@@ -12,9 +12,10 @@ from helpers import run_python
 from tiny_run import final_checkpoint, tiny_run
 
 from jocor_ddp import export
-from jocor_ddp.checkpoint import CheckpointError, load_checkpoint
+from jocor_ddp.checkpoint import CheckpointError
 from jocor_ddp.config import config_from_dict
 from jocor_ddp.models import build_pair
+from jocor_ddp.state import read_state
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +24,9 @@ def run(tmp_path_factory):
 
 
 def checkpoint_pair(path):
-    state = load_checkpoint(path)
-    pair = build_pair(config_from_dict(state["config"]).model, 1, 10, 28)
-    pair.load_state_dict(state["model"])
+    state = read_state(path)
+    pair = build_pair(config_from_dict(state.config).model, 1, 10, 28)
+    pair.load_state_dict(state.model)
     return pair.eval()
 
 
@@ -57,7 +58,7 @@ def copy_run(run, dest, acc1, acc2, val=None):
     ckpt = dest / "checkpoints" / final_checkpoint(run).name
     shutil.copy(final_checkpoint(run), ckpt)
     if acc1 is not None:
-        row = {"epoch": load_checkpoint(ckpt)["completed_epochs"], "test_acc1": acc1, "test_acc2": acc2}
+        row = {"epoch": read_state(ckpt).epoch, "test_acc1": acc1, "test_acc2": acc2}
         if val is not None:
             row.update(val_acc1=val[0], val_acc2=val[1], val_samples=100)
         (dest / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc1": 0, "test_acc2": 0}) + "\n"
@@ -84,7 +85,7 @@ def test_best_by_val_follows_val_acc_even_against_test_acc(run, tmp_path, capsys
     assert export.main([str(ckpt), "--out", str(out), *(["--by", by] if by else [])]) == 0
     assert torch.load(out, weights_only=True)["net"] == expected
     figure, accs = ("test", test) if by == "test" else ("val", val)
-    epoch = load_checkpoint(ckpt)["completed_epochs"]
+    epoch = read_state(ckpt).epoch
     assert (f"net {expected} (best by {figure}_acc at epoch {epoch} of {tmp_path / 'run' / 'metrics.jsonl'}: "
             f"{max(accs):.2f}% vs {min(accs):.2f}%)") in capsys.readouterr().out
 

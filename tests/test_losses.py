@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from jocor_ddp.methods.jocor import jocor_loss
-from jocor_ddp.methods import Schedule
+from jocor_ddp.methods import EpochValues
 from jocor_ddp.methods.selection import Selector, count_remember, num_remember
 from jocor_ddp.dist import DistContext
 
@@ -81,7 +81,7 @@ def test_saturated_logits_stay_finite():
 def test_global_selection_single_process_keeps_k_smallest_ties_by_position():
     sel = Selector("global", DistContext())
     losses = torch.tensor([0.5, 0.1, 0.5, 0.5, 0.2, 0.9], requires_grad=True)
-    kept = sel.keep_smallest(sel.gather(losses.detach()), Schedule.at(0.5).remember)
+    kept = sel.keep_smallest(sel.gather(losses.detach()), EpochValues.at(0.5).remember)
     assert kept.count == 3
     # 0.1 and 0.2 are the smallest; of the tied 0.5s the first by position is kept.
     assert kept.local.tolist() == [True, True, False, False, True, False]
@@ -94,7 +94,7 @@ def test_global_selection_single_process_keeps_k_smallest_ties_by_position():
 def test_dropped_nonfinite_loss_does_not_poison_the_kept_mean():
     sel = Selector("global", DistContext())
     losses = torch.tensor([0.3, float("inf"), 0.1, 0.2])
-    loss = sel.mean(losses, sel.keep_smallest(losses, Schedule.at(0.5).remember))
+    loss = sel.mean(losses, sel.keep_smallest(losses, EpochValues.at(0.5).remember))
     assert torch.isfinite(loss) and loss.item() == pytest.approx(0.15)
 
 
@@ -111,7 +111,7 @@ def test_device_count_equals_the_host_formula(n):
     import numpy as np
     rates = set(np.linspace(0, 0.5, 10)) | set(np.linspace(0, 0.8, 10)) | {0.0, 0.2, 0.45, 0.3, 0.7, 0.99}
     for r in rates:
-        remember = Schedule.at(float(r)).remember
+        remember = EpochValues.at(float(r)).remember
         assert count_remember(remember, n).item() == num_remember(float(r), n), (r, n)
         assert count_remember(remember, torch.tensor(n)).item() == num_remember(float(r), n), (r, n)
-    assert count_remember(Schedule.at(0.5).remember, torch.tensor(0)).item() == 0
+    assert count_remember(EpochValues.at(0.5).remember, torch.tensor(0)).item() == 0

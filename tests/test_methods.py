@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from helpers import make_mnist, run_torchrun
 from jocor_ddp.checkpoint import list_checkpoints
 from jocor_ddp.dist import DistContext
-from jocor_ddp.methods import Schedule, get_method
+from jocor_ddp.config import MethodConfig
+from jocor_ddp.methods import EpochValues, get_method
 from jocor_ddp.methods.selection import Selector
+from jocor_ddp.state import read_state
 
 SEL = Selector("global", DistContext())
 
@@ -27,7 +29,7 @@ def _rows_with_grad(t):
 def test_coteaching_cross_update_uses_exactly_the_peers_kept_set():
     z1, z2 = _logits(0)
     y = torch.randint(0, 4, (12,), generator=torch.Generator().manual_seed(1))
-    out = get_method("coteaching")(z1, z2, y, Schedule.at(0.5, 0), SEL)
+    out = get_method("coteaching")(z1, z2, y, EpochValues.at(0.5, 0), SEL)
     out.loss.backward()
     ce1 = F.cross_entropy(z1.detach(), y, reduction="none")
     ce2 = F.cross_entropy(z2.detach(), y, reduction="none")
@@ -44,13 +46,13 @@ def test_coteaching_plus_selects_only_among_disagreements():
     y = torch.randint(0, 4, (16,), generator=torch.Generator().manual_seed(3))
     disagree = (z1.argmax(1) != z2.argmax(1))
     assert 2 < disagree.sum() < 16
-    out = get_method("coteaching_plus", init_epoch=1)(z1, z2, y, Schedule.at(0.5, 1), SEL)
+    out = get_method("coteaching_plus", MethodConfig(name="coteaching_plus", init_epoch=1))(z1, z2, y, EpochValues.at(0.5, 1), SEL)
     out.loss.backward()
     allowed = set(torch.nonzero(disagree).flatten().tolist())
     assert _rows_with_grad(z1) | _rows_with_grad(z2) <= allowed
     assert out.kept_global.sum(1).tolist() == [int(disagree.sum()) // 2] * 2
     # Before init_epoch it is plain Co-teaching over the whole batch.
-    early = get_method("coteaching_plus", init_epoch=1)(z1, z2, y, Schedule.at(0.5, 0), SEL)
+    early = get_method("coteaching_plus", MethodConfig(name="coteaching_plus", init_epoch=1))(z1, z2, y, EpochValues.at(0.5, 0), SEL)
     assert early.kept_global.sum(1).tolist() == [8, 8]
 
 
@@ -58,10 +60,10 @@ def test_decoupling_updates_on_disagreement_only_and_standard_on_everything():
     z1, z2 = _logits(4, n=16)
     y = torch.zeros(16, dtype=torch.long)
     disagree = set(torch.nonzero(z1.argmax(1) != z2.argmax(1)).flatten().tolist())
-    get_method("decoupling")(z1, z2, y, Schedule.at(0.5, 0), SEL).loss.backward()
+    get_method("decoupling")(z1, z2, y, EpochValues.at(0.5, 0), SEL).loss.backward()
     assert _rows_with_grad(z1) == disagree == _rows_with_grad(z2)
     z1.grad = z2.grad = None
-    out = get_method("standard")(z1, z2, y, Schedule.at(0.9, 0), SEL)
+    out = get_method("standard")(z1, z2, y, EpochValues.at(0.9, 0), SEL)
     out.loss.backward()
     assert _rows_with_grad(z1) == set(range(16)) and out.kept_global.all()
     expected = F.cross_entropy(z1.detach(), y) + F.cross_entropy(z2.detach(), y)
@@ -70,7 +72,7 @@ def test_decoupling_updates_on_disagreement_only_and_standard_on_everything():
 
 def test_no_disagreement_means_no_update():
     z = torch.randn(8, 3, requires_grad=True)
-    out = get_method("decoupling")(z, z, torch.zeros(8, dtype=torch.long), Schedule.at(0.2, 0), SEL)
+    out = get_method("decoupling")(z, z, torch.zeros(8, dtype=torch.long), EpochValues.at(0.2, 0), SEL)
     out.loss.backward()
     assert out.loss.item() == 0 and not z.grad.any() and not out.kept_global.any()
 
@@ -99,6 +101,6 @@ def test_every_method_trains_two_epochs_on_two_ranks(data, tmp_path, method):
         assert rows[1]["kept"] == sets * 8 * 16
     if method == "standard":
         assert rows[1]["kept"] == 256 and rows[1]["label_precision"] == pytest.approx(1 - 0.2, abs=0.08)
-    state = torch.load(list_checkpoints(run / "checkpoints")[0], weights_only=True)
-    assert state["kept_history_epochs"] == 2 and state["kept_history"].shape == (256,)
-    assert state["config"]["method"]["name"] == method
+    state = read_state(list_checkpoints(run / "checkpoints")[0])
+    assert state.history["epochs"] == 2 and state.history["bits"].shape == (256,)
+    assert state.config["method"]["name"] == method

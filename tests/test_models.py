@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from jocor_ddp.config import ConfigError, ModelConfig
-from jocor_ddp.models import CNN, MLP, build_network, build_pair, unwrap
+from jocor_ddp.models import CNN, MLP, build_network, build_pair
 
 
 def test_mlp_is_784_256_c():
@@ -46,6 +46,3 @@ def test_pair_is_seeded_and_the_two_networks_differ():
     b = build_pair(ModelConfig(arch="mlp"), 1, 10, 28, seed=3)
     assert torch.equal(a.net1.fc1.weight, b.net1.fc1.weight)
     assert not torch.equal(a.net1.fc1.weight, a.net2.fc1.weight)
-    wrapped = torch.nn.Module()
-    wrapped.module = a
-    assert unwrap(wrapped) is a

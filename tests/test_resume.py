@@ -11,6 +11,7 @@ import torch
 
 from helpers import child_env, make_mnist, metric_rows, run_torchrun
 from jocor_ddp.checkpoint import list_checkpoints
+from jocor_ddp.state import read_state
 
 EPOCHS, STEPS = 3, 8
 
@@ -24,9 +25,9 @@ def _args(data, run_dir, *extra):
 
 def _final_model(run_dir):
     newest = list_checkpoints(run_dir / "checkpoints")[0]
-    state = torch.load(newest, weights_only=True)
-    assert state["global_step"] == EPOCHS * STEPS and state["epoch"] == EPOCHS
-    return state["model"]
+    state = read_state(newest)
+    assert state.global_step == EPOCHS * STEPS and state.epoch == EPOCHS
+    return state.model
 
 
 def assert_same_run(run_dir, reference_dir):
@@ -171,10 +172,10 @@ def test_amp_checkpoints_resume_exactly(data, tmp_path, precision):
     whole, split = tmp_path / "whole", tmp_path / "split"
     _single(data, whole, f"train.precision={precision}")
     _single(data, split, f"train.precision={precision}", env=child_env(JOCOR_FAULT="sigterm:0:13"))
-    state = torch.load(list_checkpoints(split / "checkpoints")[0], weights_only=True)
-    assert state["precision"] == precision and state["global_step"] == 14
+    state = read_state(list_checkpoints(split / "checkpoints")[0])
+    assert state.precision == precision and state.global_step == 14
     if precision == "fp16":
-        assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
+        assert state.step["scaler"]["scale"] > 0 and "_growth_tracker" in state.step["scaler"]
     _single(data, split, f"train.precision={precision}")
     assert_same_run(split, whole)
 

@@ -104,7 +104,7 @@ def test_device_cache_equals_memory_source(clean_shards):
     assert memory.noise.to_dict() == shards.noise.to_dict()
     for a, b in zip(memory.test, shards.test):
         assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
-    assert memory.test_samples == shards.test_samples == 30
+    assert memory.test.num_samples == shards.test.num_samples == 30
 
 
 def stream_and_cache(cfg_base: dict, epoch: int = 1):
@@ -113,7 +113,7 @@ def stream_and_cache(cfg_base: dict, epoch: int = 1):
         bundle = build_data(config_from_dict({**cfg_base, "data": {**cfg_base["data"], "cache": cache}}), CPU)
         test = list(bundle.test)  # batches of another size: compared whole
         got[cache] = (epoch_batches(bundle.train, epoch), (torch.cat([b.x for b in test]), torch.cat([b.y for b in test])),
-                      bundle.test_samples)
+                      bundle.test.num_samples - bundle.test.left_out)
     return got["device"], got["stream"]
 
 
@@ -236,7 +236,7 @@ def test_gpu_decode_route_matches_worker_decoding(tmp_path):
     cfg.data.on_bad_sample = "skip"
     train = gpu_route(cfg, open_shards(cfg, CPU)).train
     batches = list(train.epoch(0))
-    assert train.bad_samples == 1 and all(b.x.shape[0] == 8 for b in batches)
+    assert train.bad.local() == 1 and all(b.x.shape[0] == 8 for b in batches)
     assert 5 not in torch.cat([b.idx for b in batches]).tolist()
     cfg.data.on_bad_sample = "error"
     train = gpu_route(cfg, open_shards(cfg, CPU)).train
@@ -314,11 +314,11 @@ def test_label_outside_range(shards):
         build(shards)
     for cache in ("device", "stream"):
         bundle = build(shards, on_bad_sample="skip", cache=cache)
-        assert bundle.train.num_samples == 96  # the range of idx, the left-out sample included
+        assert bundle.train.index_range == 96  # the range of idx, the left-out sample included
         assert bundle.train.steps_per_epoch == 11  # floor(95 usable / 8)
         idx = torch.cat([b.idx for b in bundle.train.epoch(0)]).tolist()
         assert 17 not in idx and len(idx) == 88 and max(idx) < 96
-        assert bundle.train.bad_samples == 1
+        assert bundle.train.bad.local() == 1
 
 
 @pytest.mark.parametrize("cache", ["device", "stream"])
@@ -329,15 +329,15 @@ def test_image_that_does_not_decode(shards, cache):
         list(build(shards, cache=cache, num_workers=2).train.epoch(0))
     bundle = build(shards, cache=cache, num_workers=2, on_bad_sample="skip")
     idx = torch.cat([b.idx for b in bundle.train.epoch(0)]).tolist()
-    assert 40 not in idx and bundle.train.bad_samples == 1
+    assert 40 not in idx and bundle.train.bad.local() == 1
 
 
 def test_bad_test_image_is_skipped_and_not_expected(shards):
     rewrite_sample(shards, "test", 4, image=undecodable_png())
     bundle = build(shards, cache="stream", num_workers=2, on_bad_sample="skip")
-    assert bundle.test_samples == 30
-    scored = sum(b.y.shape[0] for b in bundle.test)
-    assert scored == bundle.test_samples == 29  # the trainer's check holds
+    assert bundle.test.num_samples == 30 and bundle.test.left_out == 0
+    scored = sum(b.y.shape[0] for b in bundle.test)  # a pass reports what it left out
+    assert bundle.test.left_out == 1 and scored == bundle.test.num_samples - bundle.test.left_out == 29
     with pytest.raises(DataError, match=rf"sample {key(4)}: the image does not decode"):
         list(build(shards, cache="stream").test)
 

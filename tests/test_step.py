@@ -23,8 +23,9 @@ from jocor_ddp.dist import DistContext
 from jocor_ddp.models import build_pair
 from jocor_ddp.step import CUDA_SYNC_EVERY, resolve_sync_every
 from jocor_ddp.trainer import Trainer
+from jocor_ddp.registry import method_names
 
-METHODS = ["jocor", "coteaching", "coteaching_plus", "decoupling", "standard"]
+METHODS = method_names()
 EPOCHS = 3
 
 
@@ -217,9 +218,9 @@ def test_eager_on_cpu_and_sync_every_auto(mnist, tmp_path):
     assert not trainer.step.capture and trainer.step.describe() == "eager"
     assert trainer.sync_every == 1
     cfg = load_config(None, [])
-    assert resolve_sync_every(cfg, torch.device("cuda", 0)) == CUDA_SYNC_EVERY
-    assert resolve_sync_every(load_config(None, ["train.on_nonfinite=skip"]), torch.device("cuda", 0)) == 1
-    assert resolve_sync_every(load_config(None, ["train.sync_every=7"]), torch.device("cuda", 0)) == 7
+    assert resolve_sync_every(cfg.train, torch.device("cuda", 0)) == CUDA_SYNC_EVERY
+    assert resolve_sync_every(load_config(None, ["train.on_nonfinite=skip"]).train, torch.device("cuda", 0)) == 1
+    assert resolve_sync_every(load_config(None, ["train.sync_every=7"]).train, torch.device("cuda", 0)) == 7
 
 
 def test_a_checkpoint_of_another_adam_resumes_with_this_steps_optimizer(mnist, tmp_path):
@@ -230,8 +231,8 @@ def test_a_checkpoint_of_another_adam_resumes_with_this_steps_optimizer(mnist, t
     for p in trainer.pair.parameters():
         p.grad = torch.ones_like(p)
     old.step()
-    trainer.step.optimizer.load_state_dict(old.state_dict())
-    trainer.step.loaded()
+    trainer.step.load_state_dict({"optimizer": old.state_dict(), "scaler": trainer.step.scaler.state_dict(),
+                                  "skipped_steps": 0, "counters": None})
     trainer.begin_epoch(0)
     trainer.step.run(None)
     group = trainer.step.optimizer.param_groups[0]

@@ -45,7 +45,7 @@ def worker_epochs(spec: dict) -> None:
         resumed = [b.idx.tolist() for b in bundle.train.epoch(1, start_step=3)]
         scored = [h for b in bundle.test for h in _hashes(b.x)]
         out = {"steps": bundle.train.steps_per_epoch, "epochs": epochs, "resumed": resumed, "scored": scored,
-               "test_samples": bundle.test_samples}
+               "test_samples": bundle.test.num_samples - bundle.test.left_out}
         Path(spec["out"], f"{case['name']}-rank{ctx.rank}.json").write_text(json.dumps(out))
         barrier(ctx)
 

@@ -27,6 +27,7 @@ from helpers import REPO, child_env, fake_bin, make_mnist, metric_rows, run_pyth
 from jocor_ddp import report
 from jocor_ddp.checkpoint import list_checkpoints
 from jocor_ddp.grid import load_sweep
+from jocor_ddp.state import read_state
 
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 
@@ -154,8 +155,8 @@ def finals(sweep_dir: Path) -> dict:
     out = {}
     for run in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
         rows = metric_rows(run)
-        state = torch.load(list_checkpoints(run / "checkpoints")[0], weights_only=True)
-        out[run.name] = (rows, state["model"], state["global_step"])
+        state = read_state(list_checkpoints(run / "checkpoints")[0])
+        out[run.name] = (rows, state.model, state.global_step)
     return out
 
 

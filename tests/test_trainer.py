@@ -7,6 +7,7 @@ import yaml
 
 from helpers import FASHION_MNIST, child_env, make_mnist, run_torchrun
 from jocor_ddp.config import config_from_dict
+from jocor_ddp.state import read_state
 
 
 def _rows(run_dir):
@@ -110,9 +111,9 @@ def test_compiled_ddp_model_saves_unwrapped_weights(tmp_path, mnist):
     from jocor_ddp.models import build_pair
     run_torchrun(2, _args(mnist, tmp_path / "run", "train.epochs=1", "train.compile=true",
                           "train.channels_last=true"), timeout=300)
-    state = torch.load(list_checkpoints(tmp_path / "run" / "checkpoints")[0], weights_only=True)
-    assert all(k.startswith(("net1.", "net2.")) for k in state["model"])
-    build_pair(ModelConfig(arch="mlp"), 1, 10, 28).load_state_dict(state["model"])
+    state = read_state(list_checkpoints(tmp_path / "run" / "checkpoints")[0])
+    assert all(k.startswith(("net1.", "net2.")) for k in state.model)
+    build_pair(ModelConfig(arch="mlp"), 1, 10, 28).load_state_dict(state.model)
 
 
 def test_fresh_start_sets_an_earlier_runs_checkpoints_aside(tmp_path, mnist):

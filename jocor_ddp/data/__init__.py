@@ -10,9 +10,11 @@ from ..noise import make_noisy_labels
 from .memory import Lazy, MemoryEvalLoader, MemoryTrainLoader, held_out
 from .place import native_geometry
 from .sources import DataError, load_arrays, subset
-from .types import Batch, DataBundle, EvalBatch, agree_on_error
+from .types import (BadSamples, Batch, DataBundle, EvalBatch, EvalLoader, ResidentTrainLoader, StreamedTrainLoader,
+                    TrainLoader, agree_on_error)
 
-__all__ = ["Batch", "DataBundle", "DataError", "EvalBatch", "agree_on_error", "build_data"]
+__all__ = ["BadSamples", "Batch", "DataBundle", "DataError", "EvalBatch", "EvalLoader", "ResidentTrainLoader",
+           "StreamedTrainLoader", "TrainLoader", "agree_on_error", "build_data"]
 
 
 def build_data(cfg: Config, ctx: DistContext) -> DataBundle:
@@ -30,7 +32,7 @@ def _build_shards(cfg: Config, ctx: DistContext) -> DataBundle:
     from .cache import DECODE_BATCH, cached_loaders
     from .place import IMAGENET_MEAN, IMAGENET_STD
     from .shardset import choose_cache, open_shards
-    from .stream import StreamEvalLoader, stream_loaders
+    from .stream import stream_loaders
     from .workers import DecodePool
     if cfg.data.gpu_decode and ctx.device.type != "cuda":
         raise ConfigError("data.gpu_decode: needs a CUDA training device (train.device)")
@@ -44,15 +46,11 @@ def _build_shards(cfg: Config, ctx: DistContext) -> DataBundle:
     loaders = cached_loaders(cfg, ctx, data, pool) if cache == "device" else stream_loaders(cfg, ctx, data, pool)
     m = data.manifest
     normalization = None if data.geo.native else {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    bundle = DataBundle(name=m.dataset, classes=m.classes, in_channels=data.geo.channels,
-                        image_size=data.geo.side, train=loaders.train, test=loaders.test,
-                        test_samples=loaders.test_samples, noise=data.noise, train_eval=loaders.train_eval,
-                        val=loaders.val, labels_noisy=m.labels == "noisy",
-                        normalization=normalization,
-                        extra={"shards": str(m.root), "cache": cache, "eval_split": cfg.data.eval_split})
-    if isinstance(loaders.test, StreamEvalLoader):
-        loaders.test.bundle = bundle  # the scored count is known only after streaming
-    return bundle
+    return DataBundle(name=m.dataset, classes=m.classes, in_channels=data.geo.channels,
+                      image_size=data.geo.side, train=loaders.train, test=loaders.test, noise=data.noise,
+                      train_eval=loaders.train_eval, val=loaders.val, labels_noisy=m.labels == "noisy",
+                      normalization=normalization,
+                      extra={"shards": str(m.root), "cache": cache, "eval_split": cfg.data.eval_split})
 
 
 def _build_memory(cfg: Config, ctx: DistContext) -> DataBundle:
@@ -76,13 +74,13 @@ def _build_memory(cfg: Config, ctx: DistContext) -> DataBundle:
             rows_of(train.images, rows), rows_of(noisy, rows), rows_of(train.labels, rows),
             global_batch=cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
             device=ctx.device, geo=native_geometry(train.images, cfg.data.augment), sample_idx=rows,
-            num_samples=len(noisy))
+            index_range=len(noisy))
     except ValueError as exc:
         raise DataError(f"{cfg.data.name}: {exc}") from None
     test_loader = MemoryEvalLoader(test.images, test.labels, rank=ctx.rank,
                                    world_size=ctx.world_size, device=ctx.device)
     _, h, _, c = train.images.shape
     return DataBundle(name=cfg.data.name, classes=arrays.classes, in_channels=c, image_size=h,
-                      train=train_loader, test=test_loader, test_samples=len(test), noise=info,
-                      train_eval=Lazy(lambda: part(rows)), val=part(val_rows) if len(val_rows) else None,
+                      train=train_loader, test=test_loader, noise=info,
+                      train_eval=Lazy(lambda: part(rows), len(rows)), val=part(val_rows) if len(val_rows) else None,
                       normalization=None)

@@ -64,7 +64,7 @@ def cached_loaders(cfg: Config, ctx: DistContext, data: ShardData, pool: DecodeP
         train = MemoryTrainLoader(train_images, data.noisy[train_idx], data.clean[train_idx],
                                   global_batch=cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                                   seed=cfg.train.seed, device=ctx.device, geo=data.geo, sample_idx=train_idx,
-                                  num_samples=len(data.noisy), static_bad=bad if ctx.is_main else 0)
+                                  index_range=len(data.noisy), static_bad=bad if ctx.is_main else 0)
     except ValueError as exc:
         raise DataError(f"{data.manifest.root}: {exc}") from None
     eval_batch = 1000 if data.geo.native else 128
@@ -74,5 +74,5 @@ def cached_loaders(cfg: Config, ctx: DistContext, data: ShardData, pool: DecodeP
     def part(images, idx):  # training or validation samples, unaugmented, as Batches
         return MemoryEvalLoader(images, data.noisy[idx], rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
                                 batch_size=eval_batch, clean=data.clean[idx], geo=data.geo, sample_idx=idx)
-    return Loaders(train, test, len(test_idx), part(train_images, train_idx),
+    return Loaders(train, test, part(train_images, train_idx),
                    part(val_images, val_idx) if len(val_idx) else None)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .place import Geometry, Placement, crop_params, native_geometry
-from .types import Batch, EvalBatch
+from .types import BadSamples, Batch, EvalBatch
 
 
 # The validation split's own seed: the same held-out samples whatever train.seed and world size.
@@ -44,6 +44,7 @@ class MemoryTrainLoader:
     step from the epoch's order and placed (``place.py``) on the device. ``sample_idx`` maps
     rows to the split's sample indices where rows were left out (the shard cache's bad samples)."""
 
+    resident = True
     # The order is one global permutation, sliced per rank: a run stopped mid-epoch under
     # W ranks continues exactly the same global batches under any other world size.
     world_size_invariant = True
@@ -51,7 +52,7 @@ class MemoryTrainLoader:
     def __init__(self, images: np.ndarray, noisy: np.ndarray, clean: np.ndarray, *,
                  global_batch: int, rank: int, world_size: int, seed: int, device: torch.device,
                  geo: Optional[Geometry] = None, sample_idx: Optional[np.ndarray] = None,
-                 num_samples: Optional[int] = None, static_bad: int = 0):
+                 index_range: Optional[int] = None, static_bad: int = 0):
         n = int(noisy.shape[0])
         if n < global_batch:
             raise ValueError(f"the training split has {n} samples, fewer than one global batch "
@@ -67,13 +68,13 @@ class MemoryTrainLoader:
         self.sample_idx = torch.from_numpy(self.sample_idx_np).to(device)
         self.rows = n
         # The range of Batch.idx (consumers index per-sample arrays with it), left-out samples included.
-        self.num_samples = n if num_samples is None else num_samples
+        self.index_range = n if index_range is None else index_range
         self.global_batch = global_batch
         self.local_batch = global_batch // world_size
         self.seed = seed
         self.device = device
         # Counted once per epoch, on one rank: every rank left out the same samples.
-        self.static_bad = self.bad_samples = static_bad
+        self.bad = BadSamples(static_bad)
         # Training drops the last partial batch (as the reference does): every rank runs
         # the same number of steps, so no rank waits alone in a collective.
         self.steps_per_epoch = n // global_batch
@@ -83,8 +84,7 @@ class MemoryTrainLoader:
     def epoch_plan(self, epoch: int, start_step: int = 0) -> dict[str, torch.Tensor]:
         """The epoch's order and crops as device tensors of fixed shapes: a captured step
         gathers from them, so a new epoch only overwrites them in place."""
-        # The left-out samples count once per epoch: in a resumed epoch the checkpoint has them.
-        self.bad_samples = self.static_bad if start_step == 0 else 0
+        self.bad.start_epoch(start_step)
         plan = {"order": torch.from_numpy(epoch_permutation(self.rows, self.seed, epoch)).to(self.device)}
         if self.geo.random:  # by sample index: the same crop from every source, for any world size
             plan["params"] = torch.from_numpy(crop_params(self.geo, self.seed, epoch, self.sample_idx_np)).to(self.device)
@@ -101,6 +101,9 @@ class MemoryTrainLoader:
         plan = self.epoch_plan(epoch, start_step)
         for step in range(start_step, self.steps_per_epoch):
             yield self.gather(plan, torch.tensor(step, device=self.device))
+
+    def close(self) -> None:
+        pass  # resident: nothing serves it
 
 
 class MemoryEvalLoader:
@@ -121,6 +124,7 @@ class MemoryEvalLoader:
         idx = np.arange(n) if sample_idx is None else sample_idx
         self.idx = torch.from_numpy(idx[lo:hi]).to(device)
         self.num_samples = n
+        self.left_out = 0  # decoded before training: nothing is left out while scoring
         self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[EvalBatch | Batch]:
@@ -134,12 +138,13 @@ class MemoryEvalLoader:
 
 
 class Lazy:
-    """An iterable built on first use: the training split's evaluation copy on the device is
-    made only when evaluate or audit iterate it, never during training."""
+    """An evaluation loader built on first use: the training split's evaluation copy on the
+    device is made only when evaluate or audit iterate it, never during training."""
 
-    def __init__(self, factory):
+    def __init__(self, factory, num_samples: int):
         self.factory = factory
         self.built = None
+        self.num_samples, self.left_out = num_samples, 0
 
     def __iter__(self):
         if self.built is None:

@@ -16,6 +16,7 @@ from .memory import held_out
 from .place import Geometry, geometry
 from .shards import Manifest, SplitIndex, load_manifest, verify_split
 from .sources import DataError, warn
+from .types import EvalLoader, TrainLoader
 
 # --- the verified shards, labels resolved ---------------------------------------------
 
@@ -93,8 +94,7 @@ def choose_cache(cfg: Config, data: ShardData) -> str:
 
 
 class Loaders(NamedTuple):
-    train: object
-    test: object
-    test_samples: int
-    train_eval: object  # every training sample once, unaugmented, as Batches
-    val: object         # the held-out samples (data.val_fraction) as Batches, or None
+    train: TrainLoader
+    test: EvalLoader
+    train_eval: EvalLoader  # every training sample once, unaugmented, as Batches
+    val: Optional[EvalLoader]  # the held-out samples (data.val_fraction) as Batches, or None

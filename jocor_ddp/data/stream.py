@@ -40,7 +40,7 @@ from .place import Geometry, Placement
 from .shards import SplitIndex
 from .shardset import Loaders, ShardData
 from .sources import DataError, warn
-from .types import Batch, EvalBatch, agree_on_error
+from .types import BadSamples, Batch, EvalBatch, agree_on_error
 from .workers import DecodePool, Job, Result, positions_in_batches
 
 MAX_WARNINGS = 5  # warnings per rank about skipped bad samples (data.on_bad_sample: skip); the count goes on
@@ -69,7 +69,7 @@ class Buffers:
     idx: torch.Tensor
 
 
-class _Feed:
+class _SplitStream:
     """What the training and evaluation streams share: jobs through the pool, to ``Item``s."""
 
     def __init__(self, pool: DecodePool, split: SplitIndex, geo: Geometry, device: torch.device, rank: int,
@@ -198,7 +198,8 @@ def done(item: Item, current: Optional[torch.cuda.Stream]) -> None:
     item.release(event)
 
 
-class StreamTrainLoader(_Feed):
+class StreamTrainLoader(_SplitStream):
+    resident = False
     # The memory source's order: any world size continues a checkpointed epoch exactly.
     world_size_invariant = True
     fill = True
@@ -215,8 +216,8 @@ class StreamTrainLoader(_Feed):
         self.offset = ctx.rank * self.local_batch
         self.seed = seed
         self.steps_per_epoch = len(usable) // global_batch
-        self.num_samples = len(noisy)  # the range of Batch.idx
-        self.static_bad = self.bad_samples = static_bad
+        self.index_range = len(noisy)  # the range of Batch.idx
+        self.bad = BadSamples(static_bad)
         self.error: Optional[str] = None  # the first bad input this rank met, until a sync point raises it
 
     def jobs(self, epoch: int, start_step: int) -> Iterator[Job]:
@@ -229,9 +230,9 @@ class StreamTrainLoader(_Feed):
     def items(self, epoch: int, start_step: int = 0) -> Iterator[Item]:
         """One item per step from ``start_step`` on; after an error, error items to the end
         of the epoch (the rank keeps stepping until the sync point stops every rank)."""
-        # bad_samples: those met in the steps yielded, plus the ones left out up front when the
+        # Bad samples: those met in the steps yielded, plus the ones left out up front when the
         # epoch starts at step 0; a resumed epoch's earlier count travels in the checkpoint.
-        self.bad_samples = self.static_bad if start_step == 0 else 0
+        self.bad.start_epoch(start_step)
         self.error = None
         step = start_step
         try:
@@ -268,12 +269,15 @@ class StreamTrainLoader(_Feed):
         bufs.params.copy_(item.params, non_blocking=True)
         bufs.idx.copy_(item.idx, non_blocking=True)
         done(item, current)
-        self.bad_samples += item.bad
+        self.bad.met += item.bad
 
     def gather(self, bufs: Buffers) -> Batch:
         """The step's batch from its buffers: device ops only, the same for every batch."""
         return Batch(x=self.placement.train(bufs.pixels, bufs.params), y=self.noisy[bufs.idx],
                      clean=self.clean[bufs.idx], idx=bufs.idx)
+
+    def close(self) -> None:
+        self.pool.close()
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The batches themselves (tools and tests; the trainer feeds the step's buffers and
@@ -286,7 +290,7 @@ class StreamTrainLoader(_Feed):
             yield Batch(x=b.x, y=b.y, clean=b.clean, idx=b.idx.clone())
 
 
-class StreamEvalLoader(_Feed):
+class StreamEvalLoader(_SplitStream):
     """Scores a split (the evaluation split, or with ``clean`` the training split for the
     train_eval pass, yielding ``Batch``es) once: rank r the r-th contiguous share."""
     fill = False
@@ -301,9 +305,9 @@ class StreamEvalLoader(_Feed):
         self.labels = torch.from_numpy(labels).to(ctx.device)
         self.clean = None if clean is None else torch.from_numpy(clean).to(ctx.device)
         self.num_samples = n
-        # The trainer checks the scored count against bundle.test_samples after the loop;
-        # samples skipped while streaming are subtracted there (data.on_bad_sample: skip).
-        self.bundle = None
+        # Samples skipped while streaming (data.on_bad_sample: skip), over all ranks: known
+        # once a pass has run, and checked by the trainer against the count it scored.
+        self.left_out = 0
 
     def __iter__(self) -> Iterator[EvalBatch | Batch]:
         error, skipped = None, 0
@@ -326,9 +330,7 @@ class StreamEvalLoader(_Feed):
                         yield Batch(x=x, y=self.labels[idx], clean=self.clean[idx], idx=idx)
         except DataError as exc:
             error = str(exc)
-        total = agree_on_error(self.ctx, error, skipped)  # once a pass
-        if self.bundle is not None:
-            self.bundle.test_samples = self.num_samples - total
+        self.left_out = agree_on_error(self.ctx, error, skipped)  # once a pass
 
 
 
@@ -345,4 +347,4 @@ def stream_loaders(cfg, ctx: DistContext, data: ShardData, pool: DecodePool) -> 
                             batch=local, **common)
     train_eval, val = (StreamEvalLoader(pool, "train", data.train, rows, data.noisy, batch=local, clean=data.clean,
                                         **common) for rows in (usable, np.flatnonzero(data.val_keep)))
-    return Loaders(train, test, test.num_samples, train_eval, val if data.val_keep.any() else None)
+    return Loaders(train, test, train_eval, val if data.val_keep.any() else None)

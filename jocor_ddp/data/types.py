@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional, Protocol
+from typing import Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -28,11 +28,78 @@ class EvalBatch:
     y: torch.Tensor
 
 
-class TrainLoader(Protocol):
-    steps_per_epoch: int
-    num_samples: int
+class BadSamples:
+    """The training split's samples left out as bad this epoch (data.on_bad_sample: skip):
+    those this rank's loader met since the epoch (re)started, plus, on rank 0, the total of
+    all ranks carried over from a mid-epoch checkpoint."""
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]: ...
+    def __init__(self, static: int = 0):
+        self.static = static  # left out up front (a verified shard set), counted on one rank
+        self.met = self.carried = 0
+
+    def start_epoch(self, start_step: int) -> None:
+        """Called by the loader; ``carried`` is the trainer's (``load_state_dict``)."""
+        # The ones left out up front count once per epoch: in a resumed epoch the checkpoint has them.
+        self.met = self.static if start_step == 0 else 0
+
+    def local(self) -> int:
+        """This rank's share of the epoch's total (summed over the ranks by the caller)."""
+        return self.met + self.carried
+
+    def state_dict(self, ctx: DistContext) -> dict:
+        """The epoch's total so far over all ranks (a collective, on every rank)."""
+        total = all_reduce_sum(ctx, torch.tensor([float(self.local())], dtype=torch.float64, device=ctx.device))
+        return {"bad_samples": int(total.item())}
+
+    def load_state_dict(self, state: Optional[dict], ctx: DistContext) -> None:
+        """At every epoch's start (``state``: None, or a mid-epoch checkpoint's part): rank 0
+        carries the total on, the others start from zero."""
+        self.carried = int(state["bad_samples"]) if state and ctx.is_main else 0
+
+
+class TrainLoader(Protocol):
+    """What the trainer and the step use of every training loader."""
+    steps_per_epoch: int
+    index_range: int             # Batch.idx lies in [0, index_range): samples left out included
+    resident: bool               # True: a ResidentTrainLoader; False: a StreamedTrainLoader
+    world_size_invariant: bool   # a mid-epoch checkpoint continues exactly under another world size
+    bad: BadSamples
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """The batches themselves, for tools and tests (the step gathers its own)."""
+
+    def close(self) -> None:
+        """Stop what serves it (a stream's decoding workers); nothing for resident data."""
+
+
+class ResidentTrainLoader(TrainLoader, Protocol):
+    """Data on the device: the step gathers each batch from the epoch's plan."""
+
+    def epoch_plan(self, epoch: int, start_step: int = 0) -> dict[str, torch.Tensor]: ...
+
+    def gather(self, plan: dict[str, torch.Tensor], step: torch.Tensor) -> Batch: ...
+
+
+class StreamedTrainLoader(TrainLoader, Protocol):
+    """A stream: each step's item is copied into the step's fixed buffers, then gathered."""
+    error: Optional[str]  # the first bad input this rank met, until a sync point raises it
+
+    def items(self, epoch: int, start_step: int = 0) -> Iterator: ...
+
+    def buffers(self): ...
+
+    def load(self, item, bufs) -> None: ...
+
+    def gather(self, bufs) -> Batch: ...
+
+
+class EvalLoader(Protocol):
+    """One pass over a split, every sample once (rank r its r-th share): ``EvalBatch``es, or
+    ``Batch``es for the training split's passes (train_eval, the validation split)."""
+    num_samples: int  # the samples a pass tries to score, over all ranks
+    left_out: int     # of those, left out as bad by the latest pass (all ranks; stream, skip)
+
+    def __iter__(self) -> Iterator[EvalBatch | Batch]: ...
 
 
 @dataclass
@@ -42,17 +109,16 @@ class DataBundle:
     in_channels: int
     image_size: int
     train: TrainLoader
-    test: Iterable[EvalBatch]
-    test_samples: int
+    test: EvalLoader
     noise: Optional[NoiseInfo] = None
     # The given labels are the noisy ones (Clothing1M's shards): the noise rate is unknown.
     labels_noisy: bool = False
     # A deterministic pass over every training sample (this rank's share), unaugmented, with
     # noisy and clean labels and indices: what evaluate / audit score the training split with.
-    train_eval: Optional[Iterable[Batch]] = None
-    # The held-out share of the training split (data.val_fraction), with its noisy labels, as
-    # Batches; None when nothing is held out.
-    val: Optional[Iterable[Batch]] = None
+    train_eval: Optional[EvalLoader] = None
+    # The held-out share of the training split (data.val_fraction), with its noisy labels;
+    # None when nothing is held out.
+    val: Optional[EvalLoader] = None
     # How inputs were normalised after ToTensor (None: not at all), for export.
     normalization: Optional[dict] = None
     extra: dict = field(default_factory=dict)
@@ -60,6 +126,17 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def held_out(self) -> int:
+        """Training samples held out as the validation split (data.val_fraction)."""
+        return self.val.num_samples if self.val is not None else 0
+
+    @property
+    def meta(self) -> dict:
+        """What a checkpoint keeps to rebuild the pair and its inputs without the data."""
+        return {"name": self.name, "classes": list(self.classes), "in_channels": self.in_channels,
+                "image_size": self.image_size, "normalization": self.normalization}
 
 
 def agree_on_error(ctx: DistContext, error: Optional[str], count: int = 0) -> int:

@@ -3,17 +3,21 @@ rank backpropagates, using the global (or local) selection of ``selection.py``.
 
 Every method returns a ``MethodStep``; the trainer needs nothing else to train, check for
 non-finite values, and count what was kept. What changes from epoch to epoch (the share
-to remember, the epoch itself) reaches a method as device tensors in a ``Schedule``, never
-as Python numbers, which a captured CUDA graph would freeze at their first value.
+to remember, the epoch itself) reaches a method as device tensors in ``EpochValues``, never
+as Python numbers, which a captured CUDA graph would freeze at their first value. Which
+methods exist, and what the rest of the trainer knows of each, is ``registry.py``.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+from .. import registry
+from ..config import MethodConfig
 from .selection import Selector
 
 
@@ -27,21 +31,21 @@ class MethodStep:
 
 
 @dataclass
-class Schedule:
+class EpochValues:
     """The epoch's values as device scalars, updated in place (``set``) between epochs."""
     remember: torch.Tensor  # float64: 1 - forget rate, the share of each batch kept
     epoch: torch.Tensor     # int64: the 0-based epoch
 
     @classmethod
-    def on(cls, device: torch.device | str = "cpu") -> "Schedule":
+    def on(cls, device: torch.device | str = "cpu") -> "EpochValues":
         return cls(torch.ones((), dtype=torch.float64, device=device),
                    torch.zeros((), dtype=torch.int64, device=device))
 
     @classmethod
-    def at(cls, forget_rate: float, epoch: int = 0, device: torch.device | str = "cpu") -> "Schedule":
-        schedule = cls.on(device)
-        schedule.set(forget_rate, epoch)
-        return schedule
+    def at(cls, forget_rate: float, epoch: int = 0, device: torch.device | str = "cpu") -> "EpochValues":
+        values = cls.on(device)
+        values.set(forget_rate, epoch)
+        return values
 
     def set(self, forget_rate: float, epoch: int) -> None:
         # 1 - r computed on the host in float64, as the reference's int((1 - r) * n) does.
@@ -49,20 +53,9 @@ class Schedule:
         self.epoch.fill_(epoch)
 
 
-MethodFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Schedule, Selector], MethodStep]
+MethodFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, EpochValues, Selector], MethodStep]
 
 
-def get_method(name: str, co_lambda: float = 0.1, init_epoch: int = 0) -> MethodFn:
-    from . import coteaching, coteaching_plus, decoupling, jocor, standard
-    if name == "jocor":
-        return lambda z1, z2, y, sched, sel: jocor.step(z1, z2, y, sched.remember, sel, co_lambda)
-    if name == "coteaching":
-        return lambda z1, z2, y, sched, sel: coteaching.step(z1, z2, y, sched.remember, sel)
-    if name == "coteaching_plus":
-        return lambda z1, z2, y, sched, sel: coteaching_plus.step(z1, z2, y, sched.remember, sel,
-                                                                  sched.epoch >= init_epoch)
-    if name == "decoupling":
-        return lambda z1, z2, y, sched, sel: decoupling.step(z1, z2, y, sel)
-    if name == "standard":
-        return lambda z1, z2, y, sched, sel: standard.step(z1, z2, y, sel)
-    raise ValueError(f"method.name: {name!r}")
+def get_method(name: str, cfg: Optional[MethodConfig] = None) -> MethodFn:
+    """The step of registry entry ``name``, bound to its ``method.*`` settings."""
+    return functools.partial(registry.get_method(name).load_step(), cfg=cfg or MethodConfig(name=name))

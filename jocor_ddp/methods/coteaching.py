@@ -9,7 +9,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import MethodStep
+from ..config import MethodConfig
+from . import EpochValues, MethodStep
 from .selection import Selector
 
 
@@ -33,3 +34,9 @@ def cross_update(ce: torch.Tensor, remember: torch.Tensor, sel: Selector,
 
 def step(logits1, logits2, labels, remember: torch.Tensor, sel: Selector) -> MethodStep:
     return cross_update(cross_entropies(logits1, logits2, labels), remember, sel)
+
+
+def train_step(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor, values: EpochValues,
+               sel: Selector, cfg: MethodConfig) -> MethodStep:
+    """The registry's entry (registry.py): the trainer's call, with this method's settings."""
+    return step(logits1, logits2, labels, values.remember, sel)

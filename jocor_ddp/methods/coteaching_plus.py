@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from . import MethodStep
+from ..config import MethodConfig
+from . import EpochValues, MethodStep
 from .coteaching import cross_entropies, cross_update
 from .selection import Selector
 
@@ -24,3 +25,9 @@ def step(logits1, logits2, labels, remember: torch.Tensor, sel: Selector, disagr
     disagree = logits1.detach().argmax(1) != logits2.detach().argmax(1)
     eligible_all = sel.gather(disagree | ~disagreement)
     return cross_update(ce, remember, sel, eligible_all=eligible_all)
+
+
+def train_step(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor, values: EpochValues,
+               sel: Selector, cfg: MethodConfig) -> MethodStep:
+    """The registry's entry (registry.py): the trainer's call, with this method's settings."""
+    return step(logits1, logits2, labels, values.remember, sel, values.epoch >= cfg.init_epoch)

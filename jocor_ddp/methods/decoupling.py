@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from . import MethodStep
+from ..config import MethodConfig
+from . import EpochValues, MethodStep
 from .coteaching import cross_entropies
 from .selection import Selector
 
@@ -19,3 +20,9 @@ def step(logits1, logits2, labels, sel: Selector) -> MethodStep:
     objective = sel.objective(ce_all[0], kept) + sel.objective(ce_all[1], kept)
     return MethodStep(loss=loss, checked=ce_all, kept_local=kept.local[None],
                       kept_global=kept.glob[None], objective=objective)
+
+
+def train_step(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor, values: EpochValues,
+               sel: Selector, cfg: MethodConfig) -> MethodStep:
+    """The registry's entry (registry.py): the trainer's call, with this method's settings."""
+    return step(logits1, logits2, labels, sel)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import MethodStep
+from ..config import MethodConfig
+from . import EpochValues, MethodStep
 from .selection import Selector
 
 
@@ -44,3 +45,9 @@ def step(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor, rem
     return MethodStep(loss=sel.mean(losses, kept), checked=losses_all[None],
                       kept_local=kept.local[None], kept_global=kept.glob[None],
                       objective=sel.objective(losses_all, kept))
+
+
+def train_step(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor, values: EpochValues,
+               sel: Selector, cfg: MethodConfig) -> MethodStep:
+    """The registry's entry (registry.py): the trainer's call, with this method's settings."""
+    return step(logits1, logits2, labels, values.remember, sel, cfg.co_lambda)
