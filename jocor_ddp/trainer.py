@@ -336,5 +336,7 @@ class Trainer:
               f"{self.data.train.steps_per_epoch} steps/epoch, selection {self.cfg.selection}, "
               f"precision {self.precision}, step {self.step.describe()}", flush=True)
         if self.auto is not None:
-            print(f"forget rate: auto, estimated from the data at the end of epochs 1-{self.auto.last_epoch + 1} "
-                  f"(method.num_gradual), {self.auto.fallback:g} until then", flush=True)
+            print(f"forget rate: auto ({self.forget.why}), estimated from the data at the end of epochs "
+                  f"1-{self.auto.last_epoch + 1} (method.num_gradual), {self.auto.fallback:g} until then", flush=True)
+        else:
+            print(f"forget rate: tau {self.forget.tau:g} ({self.forget.why})", flush=True)
