@@ -57,8 +57,8 @@ def _data_config(shards: str, dataset: str, *, cache: str, workers: int, batch_s
     return config_from_dict({
         "data": {"name": dataset, "source": "shards", "shards": shards, "cache": cache, "num_workers": workers,
                  "gpu_decode": gpu_decode, "verify": verify},
-        # The loader only: no noise drawn, and a forget rate so that noisy-label shards open too.
-        "noise": {"type": "none", "rate": 0.0}, "method": {"forget_rate": 0.0},
+        # The loader only: no noise drawn (the only setting that shards whose labels came noisy accept).
+        "noise": {"type": "none", "rate": 0.0},
         "train": {"batch_size": batch_size, "device": dev.type}, "log": {"progress": "never"}})
 
 
