@@ -10,7 +10,7 @@ sample standard deviation over seeds (n - 1), shown from two finished runs on.
 
 Runs with a validation split (``data.val_fraction`` > 0) also log val_acc1 / val_acc2:
 accuracy against held-out NOISY labels, the only signal a user without clean labels has.
-``last_epochs_val_mean``, ``test_at_best_val`` and ``kendall_tau`` say how well it stands in
+``last_epochs_val_mean``, ``best_val_row`` and ``kendall_tau`` say how well it stands in
 for the test accuracy, and ``build_pick`` (``report --sweep S --pick AXIS``) picks a
 hyperparameter value by it, beside the value the clean test accuracy would have picked.
 """
@@ -62,11 +62,6 @@ def best_val_row(rows: list[dict]) -> Optional[dict]:
     """The row whose mean val accuracy is highest, the earliest on a tie (where early
     stopping on the validation split would stop); None without a validation split."""
     return max(rows, key=mean_val) if has_val(rows) else None
-
-
-def test_at_best_val(rows: list[dict]) -> Optional[float]:
-    row = best_val_row(rows)
-    return None if row is None else mean_acc(row)
 
 
 def kendall_tau(x: list[float], y: list[float]) -> float:
