@@ -38,7 +38,9 @@ import torch
 from .checkpoint import CheckpointError
 from .methods.jocor import jocor_loss
 from .methods.selection import num_remember
-from .restore import CommandError, Restored, add_restore_args, guarded, restore, write_json
+from .job import CommandError, guarded
+from .restore import Restored, add_restore_args, restore
+from .runfolder import write_json
 
 SHARE_WINDOW = 10  # recent epochs the kept share is taken over
 RULE = ("probably_mislabelled = (both networks predict the same class, other than the given label) "

@@ -36,16 +36,13 @@ from .data.shards import load_manifest
 from .data.shardset import open_shards
 from .data.sources import DataError
 from .data.types import DataBundle
-from .dist import DistContext, close_distributed, init_distributed
+from .dist import DistContext, init_distributed, pick_device, rank_from_env
+from .job import guarded
 from .models import build_pair
 from .trainer import Trainer
 
 
 # --- data: the input pipeline alone ------------------------------------------------------
-
-def _device(choice: str) -> torch.device:
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
-
 
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
@@ -57,8 +54,8 @@ def _data_config(shards: str, dataset: str, *, cache: str, workers: int, batch_s
     return config_from_dict({
         "data": {"name": dataset, "source": "shards", "shards": shards, "cache": cache, "num_workers": workers,
                  "gpu_decode": gpu_decode, "verify": verify},
-        # The loader only: no noise drawn, and a forget rate so that noisy-label shards open too.
-        "noise": {"type": "none", "rate": 0.0}, "method": {"forget_rate": 0.0},
+        # The loader only: no noise drawn (the only setting that shards whose labels came noisy accept).
+        "noise": {"type": "none", "rate": 0.0},
         "train": {"batch_size": batch_size, "device": dev.type}, "log": {"progress": "never"}})
 
 
@@ -137,7 +134,7 @@ def _time_device_cache(shards: str, dataset: str, ctx: DistContext, data, *, wor
 def bench_data(shards: str, *, workers: list[int], batch_size: int, steps: int, warmup: int,
                device: str = "auto", gpu_workers: Optional[list[int]] = None, gather: bool = True) -> dict:
     manifest = load_manifest(shards)
-    dev = _device(device)
+    dev = pick_device(device)
     ctx = DistContext(device=dev)
     start = time.perf_counter()
     # sha256 of every train and test shard, as each rank does before training
@@ -385,18 +382,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        result = args.func(args)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        close_distributed()
-    if int(os.environ.get("RANK", "0")) == 0:
+def run(args: argparse.Namespace) -> None:
+    result = args.func(args)
+    if rank_from_env() == 0:
         print(json.dumps(result, indent=1))
-    return 0
+
+
+def main(argv=None) -> int:
+    return guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

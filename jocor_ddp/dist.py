@@ -45,15 +45,17 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def world_size_from_env() -> int:
-    return _env_int("WORLD_SIZE", 1)
+def rank_from_env() -> int:
+    return _env_int("RANK", 0)
 
 
-def _pick_device(requested: str, local_rank: int) -> torch.device:
+def pick_device(requested: str = "auto", local_rank: int | None = None, what: str = "--device") -> torch.device:
+    """``requested`` (cpu, cuda, or auto: CUDA when available) as a device; on CUDA the local
+    rank's GPU, or without one the current GPU, made current."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ConfigError("train.device: 'cuda' was requested but CUDA is not available")
-        index = local_rank % torch.cuda.device_count()
+            raise ConfigError(f"{what}: 'cuda' was requested but CUDA is not available")
+        index = torch.cuda.current_device() if local_rank is None else local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
@@ -61,11 +63,11 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
 
 def init_distributed(cfg: Config) -> DistContext:
     """Read torchrun's environment, pick the device, join the process group."""
-    rank = _env_int("RANK", 0)
+    rank = rank_from_env()
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     cfg.check_world_size(world_size)
-    device = _pick_device(cfg.train.device, local_rank)
+    device = pick_device(cfg.train.device, local_rank, "train.device")
     backend = cfg.dist.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"

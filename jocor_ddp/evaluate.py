@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .restore import CommandError, add_restore_args, guarded, restore, run_dir_of, write_json
+from .job import CommandError, guarded
+from .restore import add_restore_args, restore
+from .runfolder import run_dir_of, write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,8 +95,7 @@ def write_confusion(path: Path, classes: list[str], matrix: torch.Tensor) -> Non
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    return guarded(evaluate, args)
+    return guarded(evaluate, parse_args(argv))
 
 
 if __name__ == "__main__":

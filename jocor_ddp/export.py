@@ -15,6 +15,7 @@ figure an optimistic one, and because a user without clean labels has only val.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +24,9 @@ import torch
 from .checkpoint import CheckpointError
 from .config import ModelConfig
 from .models import build_network
-from .restore import CommandError, Restored, atomic_save, guarded, read_metrics, restore, run_dir_of
+from .job import CommandError, guarded
+from .restore import Restored, restore
+from .runfolder import METRICS, has_val, read_metrics, run_dir_of
 from .state import TrainingState
 
 FORMAT = "jocor_ddp.export/1"
@@ -55,10 +58,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def has_val(row: dict) -> bool:
-    return all(isinstance(row.get(k), (int, float)) for k in ("val_acc1", "val_acc2"))
-
-
 def unjudged(by: str, reason: str) -> tuple[int, str]:
     """Net 1 when the metrics cannot judge, unless val was asked for: then that is an error."""
     if by == "val":
@@ -72,18 +71,17 @@ def choose_net(checkpoint: Path, state: TrainingState, by: str = "auto") -> tupl
     auto = val where the row has it); net 1 on a tie or without such a row (a row of another
     epoch would judge other weights), except that ``by="val"`` then fails: it was asked for."""
     run = run_dir_of(checkpoint)
-    metrics = run / "metrics.jsonl" if run is not None else None
+    metrics = run / METRICS if run is not None else None
     if metrics is None or not metrics.is_file():
-        return unjudged(by, f"no metrics.jsonl next to the checkpoint {checkpoint}")
-    rows = read_metrics(metrics)
-    by_epoch = {r["epoch"]: r for r in rows}
+        return unjudged(by, f"no {METRICS} next to the checkpoint {checkpoint}")
+    by_epoch = {r["epoch"]: r for r in read_metrics(metrics).checked()}
     row = by_epoch.get(state.epoch)
     if row is None:
         return unjudged(by, f"no row of epoch {state.epoch} in {metrics}")
-    if by == "val" and not has_val(row):
+    if by == "val" and not has_val([row]):
         raise CommandError(f"--by val: {metrics}, epoch {row['epoch']}: no val_acc1 / val_acc2: the run has no "
                            "validation split (train with data.val_fraction > 0, or use --by test)")
-    figure = "val" if by == "val" or (by == "auto" and has_val(row)) else "test"
+    figure = "val" if by == "val" or (by == "auto" and has_val([row])) else "test"
     acc1, acc2 = row[f"{figure}_acc1"], row[f"{figure}_acc2"]
     net = 2 if acc2 > acc1 else 1
     return net, (f"best by {figure}_acc at epoch {row['epoch']} of {metrics}: "
@@ -111,7 +109,11 @@ def export(r: Restored, net: int, out: Path) -> dict:
         "source_checkpoint": str(r.path),
         "net": net,
     }
-    atomic_save(payload, out)
+    # torch.save to a temporary file, then rename: a crash leaves no half-written file.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, out)
     return payload
 
 

@@ -31,6 +31,7 @@ import yaml
 
 from .checkpoint import checkpoint_dir, list_checkpoints
 from .config import Config, ConfigError, load_config, read_yaml_mapping
+from .runfolder import METRICS, Metrics, read_metrics
 
 TOP_KEYS = ("base", "dir", "overrides", "axes", "paper", "description")
 METHOD_AXIS, SEED_AXIS = "method.name", "train.seed"
@@ -94,7 +95,11 @@ class RunStatus:
     state: str        # finished, partial, not started
     epochs_done: int
     epochs: int
-    rows: list = field(default_factory=list, repr=False)
+    metrics: Metrics = field(repr=False)
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.metrics.rows
 
     def __str__(self) -> str:
         if self.state == "finished":
@@ -104,26 +109,16 @@ class RunStatus:
         return "not started"
 
 
-def read_rows(path: Path) -> list[dict]:
-    """metrics.jsonl rows; a line cut short by a crash is ignored (the epoch is trained again)."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
 def status(run: Run) -> RunStatus:
-    rows = read_rows(run.dir / "metrics.jsonl")
-    done = max((r.get("epoch", 0) for r in rows), default=0)
+    """Where a run stands, from its metrics.jsonl read once (a line cut short by a crash is left
+    out: the epoch is trained again) and its checkpoints."""
+    metrics = read_metrics(run.dir / METRICS)
+    done = max((r["epoch"] for r in metrics.rows), default=0)
     epochs = run.cfg.train.epochs
     if done >= epochs:
-        return RunStatus("finished", done, epochs, rows)
-    started = bool(rows) or bool(list_checkpoints(checkpoint_dir(run.dir)))
-    return RunStatus("partial" if started else "not started", done, epochs, rows)
+        return RunStatus("finished", done, epochs, metrics)
+    started = bool(metrics.rows) or bool(list_checkpoints(checkpoint_dir(run.dir)))
+    return RunStatus("partial" if started else "not started", done, epochs, metrics)
 
 
 @dataclass

@@ -20,8 +20,9 @@ import sys
 from .config import DATASETS, PROGRESS
 from .convert import DEFAULT_SHARD_SIZE, prepare
 from .convert.sources import DEFAULT_QUALITY
-from .data.sources import DataError
+from .job import guarded
 from .progress import progress_enabled
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -51,19 +52,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        m = prepare(args.dataset, args.src, args.out, shard_size=args.shard_size, force=args.force,
-                    progress=progress_enabled(args.progress, True), resize=args.resize, quality=args.quality,
-                    workers=args.workers)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+def run(args: argparse.Namespace) -> None:
+    m = prepare(args.dataset, args.src, args.out, shard_size=args.shard_size, force=args.force,
+                progress=progress_enabled(args.progress, True), resize=args.resize, quality=args.quality,
+                workers=args.workers)
     for name, split in m.splits.items():
         print(f"{args.out}: {name}: {split.samples} samples in {len(split.shards)} shards")
     print(f"train with: data.name={args.dataset} data.source=shards data.shards={args.out}")
-    return 0
+
+
+def main(argv=None) -> int:
+    return guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -37,12 +37,12 @@ from typing import Optional
 import yaml
 
 from .grid import Run, Sweep, load_sweep
+from .job import CommandError, guarded
 from .registry import display_name
-from .restore import CommandError, guarded, read_metrics, write_json
-from .tables import (LAST_EPOCHS, Table, best_acc, best_val_row, build_pick, build_table, kendall_tau,
-                     last_epochs_mean, last_epochs_val_mean, mean_acc)
+from .runfolder import CONFIG, METRICS, read_metrics, write_json
+from .tables import (LAST_EPOCHS, NO_VAL, Table, best_acc, best_val_row, build_pick, build_table, kendall_tau,
+                     last_epochs_mean, last_epochs_val_mean, mean_acc, pct)
 
-NO_VAL = "–"  # a figure of a run without a validation split
 
 
 @dataclass
@@ -75,7 +75,7 @@ def describe_noise(cfg: dict) -> str:
 
 
 def read_config(run: Path) -> dict:
-    path = run / "config.yaml"
+    path = run / CONFIG
     if not path.is_file():
         print(f"warning: {path}: not found; method and noise unknown", file=sys.stderr)
         return {}
@@ -91,7 +91,7 @@ def read_config(run: Path) -> dict:
 def summarize(run: Path, name: str) -> RunSummary:
     if not run.is_dir():
         raise CommandError(f"{run}: not a run folder")
-    rows = read_metrics(run / "metrics.jsonl")
+    rows = read_metrics(run / METRICS).checked()
     cfg = read_config(run)
     precision = rows[-1].get("label_precision")
     best_val = best_val_row(rows)
@@ -110,18 +110,14 @@ def run_names(runs: list[Path]) -> list[str]:
     return [n if names.count(n) == 1 else str(r) for n, r in zip(names, runs)]
 
 
-def pct(v: Optional[float], missing: str = "n/a") -> str:
-    return missing if v is None else f"{v:.2f}"
-
-
 def markdown_table(summaries: list[RunSummary]) -> str:
     lines = ["| run | method | noise | epochs | test acc, last-10 mean (%) | best test acc (%) "
              "| final label precision (%) | val acc, last-10 mean (%) | test acc at best val epoch (%) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for s in summaries:
         lines.append(f"| {s.name} | {s.method} | {s.noise} | {s.epochs} | {pct(s.last10_acc)} | "
-                     f"{pct(s.best_acc)} | {pct(s.final_label_precision)} | {pct(s.last10_val_acc, NO_VAL)} | "
-                     f"{pct(s.test_acc_at_best_val, NO_VAL)} |")
+                     f"{pct(s.best_acc)} | {pct(s.final_label_precision, 'n/a')} | {pct(s.last10_val_acc)} | "
+                     f"{pct(s.test_acc_at_best_val)} |")
     lines += ["", f"Test acc, last-10 mean: the mean over the last min({LAST_EPOCHS}, epochs) epochs of "
                   "(test_acc1 + test_acc2) / 2. Best: the better network at its best epoch. Label "
                   "precision: the share of the samples kept for the update whose label is clean, in the "

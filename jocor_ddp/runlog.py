@@ -11,22 +11,23 @@ from typing import Optional
 
 from .config import Config, ConfigError, dump_config
 from .dist import DistContext, agree
+from .runfolder import CONFIG, METRICS, NOISE, TENSORBOARD, read_metrics
 
 
 class RunLog:
     def __init__(self, cfg: Config, ctx: DistContext, noise: Optional[dict]):
         self.cfg, self.ctx = cfg, ctx
         self.dir = Path(cfg.run.dir)
-        self.metrics = self.dir / "metrics.jsonl"
+        self.metrics = self.dir / METRICS
         agree(ctx, lambda: self._prepare(noise))
         self.tensorboard = self._open_tensorboard()
 
     def _prepare(self, noise: Optional[dict]) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "config.yaml").write_text(dump_config(self.cfg))
+            (self.dir / CONFIG).write_text(dump_config(self.cfg))
             if noise is not None:
-                (self.dir / "noise.json").write_text(json.dumps(noise, indent=1))
+                (self.dir / NOISE).write_text(json.dumps(noise, indent=1))
         except OSError as exc:
             raise ConfigError(f"run.dir: cannot write the run folder {self.dir}: {exc}") from None
 
@@ -38,7 +39,7 @@ class RunLog:
         except ImportError:
             raise ConfigError("log.tensorboard: true needs the tensorboard package: "
                               "pip install -e .[tensorboard]") from None
-        return SummaryWriter(str(self.dir / "tensorboard")) if self.ctx.is_main else None
+        return SummaryWriter(str(self.dir / TENSORBOARD)) if self.ctx.is_main else None
 
     def write(self, row: dict, forget_words: str = "") -> None:
         """One epoch's row: metrics.jsonl, TensorBoard, and the epoch line (``forget_words``:
@@ -62,13 +63,13 @@ class RunLog:
 
     def truncate(self, completed_epochs: int) -> None:
         """Drop rows of epochs after the checkpoint: a crash between a row and its checkpoint
-        must not leave the row twice once the epoch is trained again."""
+        must not leave the row twice once the epoch is trained again (nor a line it cut short)."""
         if not self.metrics.is_file():
             return
-        rows = [line for line in self.metrics.read_text().splitlines() if line.strip()]
-        keep = [line for line in rows if json.loads(line)["epoch"] <= completed_epochs]
-        if len(keep) != len(rows):
-            self.metrics.write_text("".join(line + "\n" for line in keep))
+        keep = [row for row in read_metrics(self.metrics).rows if row["epoch"] <= completed_epochs]
+        text = "".join(json.dumps(row) + "\n" for row in keep)
+        if text != self.metrics.read_text():
+            self.metrics.write_text(text)
 
     def close(self) -> None:
         if self.tensorboard is not None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .grid import Run, status
+from .grid import Run, SweepError, status
 
 
 @dataclass(frozen=True)
@@ -52,18 +52,18 @@ def make_slots(gpus: list[str], *, runs_per_gpu: int = 1, gpus_per_run: int = 1,
     """The slots of this machine: GPU groups times runs_per_gpu, or ``procs`` CPU slots."""
     for name, value in (("--runs-per-gpu", runs_per_gpu), ("--gpus-per-run", gpus_per_run), ("--procs", procs)):
         if value < 1:
-            raise ValueError(f"{name}: must be at least 1, got {value}")
+            raise SweepError(f"{name}: must be at least 1, got {value}")
     cpus = cpus or os.cpu_count() or 1
     if gpus:
         if gpus_per_run > len(gpus):
-            raise ValueError(f"--gpus-per-run {gpus_per_run}: only {len(gpus)} GPU(s) visible ({','.join(gpus)})")
+            raise SweepError(f"--gpus-per-run {gpus_per_run}: only {len(gpus)} GPU(s) visible ({','.join(gpus)})")
         groups = [tuple(gpus[i:i + gpus_per_run]) for i in range(0, len(gpus) - gpus_per_run + 1, gpus_per_run)]
         threads = max(1, cpus // (len(groups) * runs_per_gpu))
         return [Slot(f"gpu {','.join(g)}" + (f" #{k + 1}" if runs_per_gpu > 1 else ""),
                      {"CUDA_VISIBLE_DEVICES": ",".join(g), "OMP_NUM_THREADS": str(threads)}, g)
                 for g in groups for k in range(runs_per_gpu)]
     if gpus_per_run > 1:
-        raise ValueError(f"--gpus-per-run {gpus_per_run}: no GPU is visible")
+        raise SweepError(f"--gpus-per-run {gpus_per_run}: no GPU is visible")
     threads = max(1, cpus // procs)
     # No GPU for a CPU slot, even where one exists: the run must not pick one up by itself.
     return [Slot(f"cpu {i + 1}", {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)})

@@ -17,6 +17,7 @@ import sys
 import time
 
 from .grid import SweepError, load_sweep, status
+from .job import FAILED, OK, guarded
 from .runner import Slot, SweepRunner, make_slots, visible_gpus
 
 
@@ -41,35 +42,29 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        sweep = load_sweep(args.sweep)
-        runs = sweep.select(args.where)
-        if args.index is not None:
-            if not 0 <= args.index < len(runs):
-                raise SweepError(f"--index {args.index}: the sweep has runs 0..{len(runs) - 1}")
-            runs = [runs[args.index]]
-        if args.list:
-            for i, run in enumerate(runs if args.index is None else [runs[0]]):
-                print(f"{args.index if args.index is not None else i}\t{run.name}\t{status(run)}")
-            return 0
-        gpus = [] if args.gpus == "none" else (args.gpus.split(",") if args.gpus else visible_gpus())
-        if args.index is not None:
-            # An array task runs in the allocation it was given: its GPUs as they are.
-            slots = [Slot("this task", {}, tuple(gpus[:args.gpus_per_run]) if gpus else ())]
-        else:
-            slots = make_slots(gpus, runs_per_gpu=args.runs_per_gpu, gpus_per_run=args.gpus_per_run,
-                               procs=args.procs)
-    except (SweepError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+def run_sweep(args: argparse.Namespace) -> int:
+    sweep = load_sweep(args.sweep)
+    runs = sweep.select(args.where)
+    if args.index is not None:
+        if not 0 <= args.index < len(runs):
+            raise SweepError(f"--index {args.index}: the sweep has runs 0..{len(runs) - 1}")
+        runs = [runs[args.index]]
+    if args.list:
+        for i, run in enumerate(runs):
+            print(f"{args.index if args.index is not None else i}\t{run.name}\t{status(run)}")
+        return OK
+    gpus = [] if args.gpus == "none" else (args.gpus.split(",") if args.gpus else visible_gpus())
+    if args.index is not None:
+        # An array task runs in the allocation it was given: its GPUs as they are.
+        slots = [Slot("this task", {}, tuple(gpus[:args.gpus_per_run]) if gpus else ())]
+    else:
+        slots = make_slots(gpus, runs_per_gpu=args.runs_per_gpu, gpus_per_run=args.gpus_per_run, procs=args.procs)
     if args.dry_run:
         for k, run in enumerate(runs):
             slot = slots[k % len(slots)]
             print(json.dumps({"index": run.index, "name": run.name, "slot": slot.name, "env": slot.env,
                               "command": slot.command(run)}))
-        return 0
+        return OK
     _say(f"sweep: {sweep.path}: {len(runs)} run(s) in {sweep.dir}, {len(slots)} at a time "
          f"({', '.join(s.name for s in slots)})")
     start = time.monotonic()
@@ -84,7 +79,11 @@ def main(argv=None) -> int:
             _say(f"sweep: failed: {o.run.name}: {o.detail} (log: {o.run.dir / 'sweep.log'})")
     if counts["stopped"] or counts["not started"]:
         _say("sweep: stopped; run the same command again to continue")
-    return 1 if counts["failed"] else 0
+    return FAILED if counts["failed"] else OK
+
+
+def main(argv=None) -> int:
+    return guarded(run_sweep, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ sample standard deviation over seeds (n - 1), shown from two finished runs on.
 
 Runs with a validation split (``data.val_fraction`` > 0) also log val_acc1 / val_acc2:
 accuracy against held-out NOISY labels, the only signal a user without clean labels has.
-``last_epochs_val_mean``, ``test_at_best_val`` and ``kendall_tau`` say how well it stands in
+``last_epochs_val_mean``, ``best_val_row`` and ``kendall_tau`` say how well it stands in
 for the test accuracy, and ``build_pick`` (``report --sweep S --pick AXIS``) picks a
 hyperparameter value by it, beside the value the clean test accuracy would have picked.
 """
@@ -24,49 +24,42 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .grid import SEED_AXIS, Run, RunStatus, Sweep, status
-from .restore import CommandError, read_metrics
+from .job import CommandError
+from .runfolder import has_val
 
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
             "clothing1m": "Clothing1M", "imagefolder": "ImageFolder"}
 LAST_EPOCHS = 10
+NO_VAL = "–"  # no figure: a run without a validation split, a choice with no finished run
 
 
 def mean_acc(row: dict) -> float:
     return (row["test_acc1"] + row["test_acc2"]) / 2
 
 
-def last_epochs_mean(rows: list[dict], n: int = LAST_EPOCHS) -> float:
-    """Mean over the last min(n, E) epochs of the two networks' mean test accuracy."""
-    tail = rows[-n:]
-    return sum(mean_acc(r) for r in tail) / len(tail)
-
-
-def has_val(rows: list[dict]) -> bool:
-    """Whether every row scores the validation split (runs with data.val_fraction > 0)."""
-    return all(isinstance(r.get(k), (int, float)) for r in rows for k in ("val_acc1", "val_acc2"))
-
-
 def mean_val(row: dict) -> float:
     return (row["val_acc1"] + row["val_acc2"]) / 2
 
 
+def last_epochs_mean(rows: list[dict], n: int = LAST_EPOCHS, acc: Callable[[dict], float] = mean_acc) -> float:
+    """Mean over the last min(n, E) epochs of the two networks' mean test accuracy (or ``acc``)."""
+    tail = rows[-n:]
+    return sum(acc(r) for r in tail) / len(tail)
+
+
 def last_epochs_val_mean(rows: list[dict], n: int = LAST_EPOCHS) -> Optional[float]:
     """As last_epochs_mean, of the val accuracy; None without a validation split."""
-    if not has_val(rows):
-        return None
-    tail = rows[-n:]
-    return sum(mean_val(r) for r in tail) / len(tail)
+    return last_epochs_mean(rows, n, mean_val) if has_val(rows) else None
+
+
+def pct(v: Optional[float], missing: str = NO_VAL) -> str:
+    return missing if v is None else f"{v:.2f}"
 
 
 def best_val_row(rows: list[dict]) -> Optional[dict]:
     """The row whose mean val accuracy is highest, the earliest on a tie (where early
     stopping on the validation split would stop); None without a validation split."""
     return max(rows, key=mean_val) if has_val(rows) else None
-
-
-def test_at_best_val(rows: list[dict]) -> Optional[float]:
-    row = best_val_row(rows)
-    return None if row is None else mean_acc(row)
 
 
 def kendall_tau(x: list[float], y: list[float]) -> float:
@@ -191,7 +184,7 @@ def build_table(sweep: Sweep, runs: Optional[list[Run]] = None) -> Table:
             methods.append(run.method)
         st = status(run)
         if st.state == "finished":  # what is averaged is read strictly: a damaged line is an error
-            st.rows = read_metrics(run.dir / "metrics.jsonl")
+            st.metrics.checked()
         cell = cells.setdefault((*key, run.method), Cell())
         (cell.finished if st.state == "finished" else cell.unfinished).append((run, st))
     return Table(sweep, rows, methods, cells)
@@ -262,8 +255,6 @@ class Pick:
         return list(row.combination) or ["all"]
 
     def markdown(self) -> str:
-        def pct(v: Optional[float]) -> str:
-            return "–" if v is None else f"{v:.2f}"
         out = [f"# {self.sweep.description or self.sweep.path.stem}: {self.axis} picked by validation accuracy", "",
                f"Sweep `{self.sweep.path}`, in `{self.sweep.dir}`. Per combination of the other axes, the "
                f"{self.axis} value whose runs have the best val acc (on the held-out split's noisy labels: what "
@@ -327,11 +318,10 @@ def require_val_split(run: Run) -> None:
         raise CommandError(f"{VAL_NEEDED}: run {run.dir} has data.val_fraction = {run.cfg.data.val_fraction}")
 
 
-def rows_with_val(run: Run) -> list[dict]:
-    rows = read_metrics(run.dir / "metrics.jsonl")
-    if not has_val(rows):
-        raise CommandError(f"{VAL_NEEDED}: {run.dir / 'metrics.jsonl'} has no val_acc1 / val_acc2 in every row")
-    return rows
+def check_val_rows(st: RunStatus) -> None:
+    """That a finished run's rows, read strictly, hold val_acc1 / val_acc2 in every one."""
+    if not has_val(st.metrics.checked()):
+        raise CommandError(f"{VAL_NEEDED}: {st.metrics.path} has no val_acc1 / val_acc2 in every row")
 
 
 def build_pick(sweep: Sweep, axis: str, runs: Optional[list[Run]] = None) -> Pick:
@@ -347,7 +337,7 @@ def build_pick(sweep: Sweep, axis: str, runs: Optional[list[Run]] = None) -> Pic
         require_val_split(run)
         st = status(run)
         if st.state == "finished":  # what is averaged is read strictly, as in build_table
-            st.rows = rows_with_val(run)
+            check_val_rows(st)
             choice.cell.finished.append((run, st))
         else:
             choice.cell.unfinished.append((run, st))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, dump_config, load_config
-from .job import error_line, run_job
+from .config import dump_config, load_config
+from .job import CommandError, guarded, run_job
 from .reference import config_reference, replace_reference
 from .trainer import Trainer
 
@@ -29,30 +29,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def write_reference(target: str) -> int:
+def write_reference(target: str) -> None:
     if target == "-":
         print(config_reference(), end="")
-        return 0
+        return
     try:
         replace_reference(target)
     except (OSError, ValueError) as exc:
-        error_line(f"error: --config-reference {target}: {exc}")
-        return 2
+        raise CommandError(f"--config-reference {target}: {exc}") from None
     print(f"{target}: config reference rewritten")
-    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.config_reference:
-        return write_reference(args.config_reference)
+        return guarded(write_reference, args.config_reference)
     if args.print_config:
-        try:
-            print(dump_config(load_config(args.config, args.overrides)), end="")
-            return 0
-        except ConfigError as exc:
-            error_line(f"error: {exc}")
-            return 2
+        return guarded(lambda: print(dump_config(load_config(args.config, args.overrides)), end=""))
     return run_job(args.config, args.overrides, lambda cfg, ctx: Trainer(cfg, ctx).fit())
 
 
