@@ -28,7 +28,7 @@ ENTRY_POINT_GROUP = "jocor_ddp.methods"
 class Method:
     name: str        # the value of method.name
     display: str     # how tables and plots call it
-    step: str        # "module:function": step(logits1, logits2, labels, values, selector, method_cfg) -> MethodStep
+    step: str        # "module:function": step(logits1, logits2, labels, values, selector, cfg) -> MethodStep
     selects: bool    # keeps a small-loss share of each batch, so it takes a forget rate
     loss_name: str   # its per-sample loss, in error messages ("non-finite joint loss ...")
     uses: tuple[str, ...] = ()  # the method.* keys it reads besides the forget rate's
@@ -39,13 +39,13 @@ class Method:
 
 
 BUILTIN = (
-    Method("jocor", "JoCoR", "jocor_ddp.methods.jocor:train_step", selects=True, loss_name="joint loss",
+    Method("jocor", "JoCoR", "jocor_ddp.methods.jocor:step", selects=True, loss_name="joint loss",
            uses=("co_lambda",)),
-    Method("coteaching", "Co-teaching", "jocor_ddp.methods.coteaching:train_step", selects=True, loss_name="loss"),
-    Method("coteaching_plus", "Co-teaching+", "jocor_ddp.methods.coteaching_plus:train_step", selects=True,
+    Method("coteaching", "Co-teaching", "jocor_ddp.methods.coteaching:step", selects=True, loss_name="loss"),
+    Method("coteaching_plus", "Co-teaching+", "jocor_ddp.methods.coteaching_plus:step", selects=True,
            loss_name="loss", uses=("init_epoch",)),
-    Method("decoupling", "Decoupling", "jocor_ddp.methods.decoupling:train_step", selects=False, loss_name="loss"),
-    Method("standard", "Standard", "jocor_ddp.methods.standard:train_step", selects=False, loss_name="loss"),
+    Method("decoupling", "Decoupling", "jocor_ddp.methods.decoupling:step", selects=False, loss_name="loss"),
+    Method("standard", "Standard", "jocor_ddp.methods.standard:step", selects=False, loss_name="loss"),
 )
 
 

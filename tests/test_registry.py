@@ -28,7 +28,7 @@ from jocor_ddp.methods.coteaching import cross_entropies
 from jocor_ddp.registry import Method
 
 
-def train_step(logits1, logits2, labels, values, sel, cfg):
+def step(logits1, logits2, labels, values, sel, cfg):
     ce = cross_entropies(logits1, logits2, labels).sum(0)
     ce_all = sel.gather(ce.detach())
     kept = sel.keep_smallest(ce_all, values.remember)
@@ -36,7 +36,7 @@ def train_step(logits1, logits2, labels, values, sel, cfg):
                       kept_global=kept.glob[None], objective=sel.objective(ce_all, kept))
 
 
-METHOD = Method("toy", "Toy method", "toy_method:train_step", selects=True, loss_name="toy loss")
+METHOD = Method("toy", "Toy method", "toy_method:step", selects=True, loss_name="toy loss")
 '''
 
 

@@ -32,11 +32,6 @@ def cross_update(ce: torch.Tensor, remember: torch.Tensor, sel: Selector,
                       kept_global=torch.stack([kept1.glob, kept2.glob]), objective=objective)
 
 
-def step(logits1, logits2, labels, remember: torch.Tensor, sel: Selector) -> MethodStep:
-    return cross_update(cross_entropies(logits1, logits2, labels), remember, sel)
+def step(logits1, logits2, labels, values: EpochValues, sel: Selector, cfg: MethodConfig) -> MethodStep:
+    return cross_update(cross_entropies(logits1, logits2, labels), values.remember, sel)
 
-
-def train_step(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor, values: EpochValues,
-               sel: Selector, cfg: MethodConfig) -> MethodStep:
-    """The registry's entry (registry.py): the trainer's call, with this method's settings."""
-    return step(logits1, logits2, labels, values.remember, sel)

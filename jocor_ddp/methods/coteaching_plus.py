@@ -20,14 +20,10 @@ from .coteaching import cross_entropies, cross_update
 from .selection import Selector
 
 
-def step(logits1, logits2, labels, remember: torch.Tensor, sel: Selector, disagreement: torch.Tensor) -> MethodStep:
+def step(logits1, logits2, labels, values: EpochValues, sel: Selector, cfg: MethodConfig) -> MethodStep:
     ce = cross_entropies(logits1, logits2, labels)
     disagree = logits1.detach().argmax(1) != logits2.detach().argmax(1)
+    disagreement = values.epoch >= cfg.init_epoch  # a device boolean: before init_epoch, Co-teaching
     eligible_all = sel.gather(disagree | ~disagreement)
-    return cross_update(ce, remember, sel, eligible_all=eligible_all)
+    return cross_update(ce, values.remember, sel, eligible_all=eligible_all)
 
-
-def train_step(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor, values: EpochValues,
-               sel: Selector, cfg: MethodConfig) -> MethodStep:
-    """The registry's entry (registry.py): the trainer's call, with this method's settings."""
-    return step(logits1, logits2, labels, values.remember, sel, values.epoch >= cfg.init_epoch)

@@ -35,19 +35,14 @@ def jocor_loss(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tenso
     return (1.0 - co_lambda) * ce + co_lambda * symmetric_kl(logp1, logp2)
 
 
-def step(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor, remember: torch.Tensor,
-         sel: Selector, co_lambda: float) -> MethodStep:
-    """Keep the small-joint-loss samples (the ``remember`` = 1 - r share); one mean over
-    them updates both networks."""
-    losses = jocor_loss(logits1, logits2, labels, co_lambda)
+def step(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor, values: EpochValues,
+         sel: Selector, cfg: MethodConfig) -> MethodStep:
+    """Keep the small-joint-loss samples (the ``values.remember`` = 1 - r share); one mean
+    over them updates both networks."""
+    losses = jocor_loss(logits1, logits2, labels, cfg.co_lambda)
     losses_all = sel.gather(losses.detach())
-    kept = sel.keep_smallest(losses_all, remember)
+    kept = sel.keep_smallest(losses_all, values.remember)
     return MethodStep(loss=sel.mean(losses, kept), checked=losses_all[None],
                       kept_local=kept.local[None], kept_global=kept.glob[None],
                       objective=sel.objective(losses_all, kept))
 
-
-def train_step(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor, values: EpochValues,
-               sel: Selector, cfg: MethodConfig) -> MethodStep:
-    """The registry's entry (registry.py): the trainer's call, with this method's settings."""
-    return step(logits1, logits2, labels, values.remember, sel, cfg.co_lambda)
