@@ -7,23 +7,21 @@ import json
 import numpy as np
 import pytest
 
-from helpers import FASHION_MNIST, make_mnist, metric_rows, run_python, run_torchrun
+from helpers import metric_rows, needs_fashion_mnist, run_python, run_torchrun, train_args
 
-BASE = ["model.arch=mlp", "train.batch_size=32", "log.progress=never", "method.num_gradual=3",
-        "method.co_lambda=0.5"]
+BASE = ["model.arch=mlp", "train.batch_size=32", "method.num_gradual=3", "method.co_lambda=0.5"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=640, n_test=64)
+def data(mnist_data):
+    return mnist_data(640, 64)
 
 
 def _train(data, run_dir, *extra, nproc=1, check=True):
-    args = ["-m", "jocor_ddp.train", "data.name=mnist", f"data.root={data}", *BASE, f"run.dir={run_dir}", *extra]
-    return run_torchrun(nproc, args, check=check, timeout=240)
+    return run_torchrun(nproc, train_args(data, run_dir, *BASE, *extra), check=check, timeout=240)
 
 
-@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist is not installed (tests/run.sh installs it)")
+@needs_fashion_mnist
 @pytest.mark.parametrize("noise", [["noise.type=none", "noise.rate=0"], ["noise.rate=0.3"], ["noise.rate=0.6"],
                                    ["noise.type=pairflip", "noise.rate=0.45"]])
 def test_estimate_noise_finds_the_rate_of_known_noise(tmp_path, noise):

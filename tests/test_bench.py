@@ -4,7 +4,7 @@
 import json
 
 import pytest
-from helpers import make_mnist, run_python, run_torchrun
+from helpers import run_python, run_torchrun
 
 MODEL = ["data.name=mnist", "model.arch=mlp", "train.batch_size=32"]
 
@@ -27,8 +27,8 @@ def test_bench_step_under_torchrun_prints_once(tmp_path):
     assert proc.stdout.count('"bench": "step"') == 1 and '"world_size": 2' in proc.stdout
 
 
-def test_bench_train_and_data_from_prepared_shards(tmp_path):
-    root = make_mnist(tmp_path / "raw", n_train=256, n_test=64)
+def test_bench_train_and_data_from_prepared_shards(tmp_path, mnist_data):
+    root = mnist_data(256, 64)
     run_python(["-m", "jocor_ddp.prepare", "mnist", "--src", str(root), "--out", str(tmp_path / "shards"),
                 "--shard-size", "64", "--progress", "never"])
     train = _json(run_python(["-m", "jocor_ddp.bench", "train", "--epochs", "1", "--skip-steps", "2", *MODEL,

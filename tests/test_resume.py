@@ -9,17 +9,16 @@ holds out a noisy validation split (val_acc in every row): both resume exactly t
 import pytest
 import torch
 
-from helpers import child_env, make_mnist, metric_rows, run_torchrun
+from helpers import child_env, metric_rows, run_python, run_torchrun, train_args
 from jocor_ddp.checkpoint import list_checkpoints
 
 EPOCHS, STEPS = 3, 8
 
 
 def _args(data, run_dir, *extra):
-    return ["-m", "jocor_ddp.train", "data.name=mnist", f"data.root={data}", "model.arch=mlp",
-            "train.batch_size=32", f"train.epochs={EPOCHS}", "method.num_gradual=2", "noise.rate=0.4",
-            "checkpoint.every_steps=3", "checkpoint.keep=20", "log.progress=never", f"run.dir={run_dir}",
-            "method.forget_rate=auto", "data.val_fraction=0.1111", *extra]
+    return train_args(data, run_dir, "model.arch=mlp", "train.batch_size=32", f"train.epochs={EPOCHS}",
+                      "method.num_gradual=2", "noise.rate=0.4", "checkpoint.every_steps=3", "checkpoint.keep=20",
+                      "method.forget_rate=auto", "data.val_fraction=0.1111", *extra)
 
 
 def _final_model(run_dir):
@@ -38,9 +37,9 @@ def assert_same_run(run_dir, reference_dir):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(mnist_data):
     # 288 samples, 32 held out for validation: 256 train, 8 steps of 32 an epoch.
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=288, n_test=64)
+    return mnist_data(288, 64)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +144,6 @@ def test_checkpoint_that_would_run_code_is_refused_on_every_rank(data, tmp_path)
 
 
 def _single(data, run_dir, *extra, env=None):
-    from helpers import run_python
     return run_python(_args(data, run_dir, *extra), env=env)
 
 
@@ -184,7 +182,6 @@ def test_amp_checkpoints_resume_exactly(data, tmp_path, precision):
 @pytest.fixture(scope="module")
 def shard_args(data, tmp_path_factory):
     """Train from shards through the decoding workers (data.cache=stream), not the device cache."""
-    from helpers import run_python
     shards = tmp_path_factory.mktemp("shards")
     run_python(["-m", "jocor_ddp.prepare", "mnist", "--src", str(data), "--out", str(shards),
                 "--shard-size", "32", "--progress", "never"])
@@ -251,7 +248,6 @@ def test_stream_resumes_under_another_world_size_mid_epoch(data, shard_args, str
 def test_stream_skipping_bad_samples_resumes_with_the_same_counts(data, tmp_path):
     """data.on_bad_sample=skip: the bad samples met before a mid-epoch checkpoint travel in it,
     so the resumed run's rows, bad_samples included, equal the uninterrupted run's."""
-    from helpers import run_python
     from shard_fixtures import rewrite_sample, undecodable_png
     shards = tmp_path / "shards"
     run_python(["-m", "jocor_ddp.prepare", "mnist", "--src", str(data), "--out", str(shards),

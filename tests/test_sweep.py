@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, child_env, fake_bin, make_mnist, metric_rows, run_python
+from helpers import REPO, child_env, fake_bin, metric_rows, run_python
 from jocor_ddp import report
 from jocor_ddp.checkpoint import list_checkpoints
 from jocor_ddp.grid import load_sweep
@@ -145,8 +145,8 @@ def test_packing_builds_the_child_commands_and_environment(tmp_path):
 # --- running on CPU processes --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=128, n_test=64)
+def mnist(mnist_data):
+    return mnist_data(128, 64)
 
 
 def finals(sweep_dir: Path) -> dict:
