@@ -24,7 +24,7 @@ def mnist_data(tmp_path_factory):
 
     def get(n_train: int, n_test: int) -> Path:
         if (n_train, n_test) not in made:
-            made[n_train, n_test] = make_mnist(tmp_path_factory.mktemp(f"mnist-{n_train}-{n_test}"),
+            made[n_train, n_test] = make_mnist(tmp_path_factory.mktemp(f"mnist_{n_train}_{n_test}_"),
                                                n_train=n_train, n_test=n_test)
         return made[n_train, n_test]
     return get

@@ -21,12 +21,14 @@ def test_bench_step_reports_the_setting_and_a_median(tmp_path):
     assert out["samples_per_s"] == sorted(out["samples_per_s_all"])[1] > 0
 
 
+@pytest.mark.slow
 def test_bench_step_under_torchrun_prints_once(tmp_path):
     proc = run_torchrun(2, ["-m", "jocor_ddp.bench", "step", "--steps", "3", "--repeats", "1",
                             "--warmup", "1", *MODEL, f"run.dir={tmp_path}"])
     assert proc.stdout.count('"bench": "step"') == 1 and '"world_size": 2' in proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_train_and_data_from_prepared_shards(tmp_path, mnist_data):
     root = mnist_data(256, 64)
     run_python(["-m", "jocor_ddp.prepare", "mnist", "--src", str(root), "--out", str(tmp_path / "shards"),

@@ -20,7 +20,7 @@ import torch
 from helpers import FASHION_MNIST, REPO, metric_rows
 from jocor_ddp.checkpoint import list_checkpoints
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 BASE = os.environ.get("JOCOR_TEST_BASE", "jocor-test-base:local")
 IMAGE = "jocor-ddp:test"

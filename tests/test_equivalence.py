@@ -5,6 +5,8 @@ import torch
 
 from helpers import run_torchrun, train_args
 
+pytestmark = pytest.mark.slow  # four torchrun runs
+
 
 def _run(tmp_path, nproc, data, selection="global"):
     out = tmp_path / f"{selection}-{nproc}.pt"

@@ -121,6 +121,7 @@ def test_launcher_refuses_what_cannot_work(args, env, message):
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_local_sh_trains_end_to_end_and_resumes(tmp_path, fashion_mnist):
     """A real run: two CPU workers, one epoch; the same command with two epochs then
     continues from the run folder's checkpoint instead of starting again."""
@@ -140,6 +141,7 @@ def test_local_sh_trains_end_to_end_and_resumes(tmp_path, fashion_mnist):
     assert [r["epoch"] for r in metric_rows(run_dir, keep_time=True)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_local_sh_stopped_by_sigterm_checkpoints_and_exits_143(tmp_path, fashion_mnist):
     """SIGTERM to the launcher, as `docker stop` sends it to the container's first process:
     torchrun's workers write a checkpoint mid-epoch and the launcher exits 143 (stopped),
@@ -379,6 +381,7 @@ def test_dockerfile_passes_hadolint():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_image_contents_install_and_print_help(tmp_path):
     """What the image's COPY lines take from the build context installs with
     `pip install --no-deps .` and runs the default command, away from the checkout."""

@@ -78,6 +78,7 @@ def data(mnist_data):
     return mnist_data(256, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["jocor", "coteaching", "coteaching_plus", "decoupling", "standard"])
 def test_every_method_trains_two_epochs_on_two_ranks(data, tmp_path, method):
     run = tmp_path / "run"

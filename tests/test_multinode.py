@@ -13,6 +13,7 @@ import pytest
 
 from helpers import REPO, child_env, free_port, metric_rows, run_torchrun, train_args
 
+pytestmark = pytest.mark.slow  # two torchrun agents and a 2-worker run per test
 TIMEOUT_S = 150
 
 

@@ -94,6 +94,7 @@ if __name__ == "__main__":
 from shard_fixtures import (clothing1m_shards, flip_byte, key, member_offset, mnist_shards,  # noqa: E402
                             rewrite_index, rewrite_sample, shard_of, undecodable_png)
 
+pytestmark = pytest.mark.slow  # every test runs torchrun with 2 ranks
 GLOO = ["dist.backend=gloo", "train.device=cpu"]
 
 

@@ -105,6 +105,7 @@ def test_a_malformed_sweep_file_is_named(tmp_path, text, message):
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_list_and_index_cover_every_run_exactly_once(tmp_path):
     path = write_sweep(tmp_path, "grid", TINY_AXES)
     lines = run_sweep(path, "--list").stdout.splitlines()
@@ -122,6 +123,7 @@ def test_list_and_index_cover_every_run_exactly_once(tmp_path):
     assert [l.split("\t")[1] for l in picked] == ["pair30-jocor-seed2", "pair30-coteaching-seed2"]
 
 
+@pytest.mark.slow
 def test_packing_builds_the_child_commands_and_environment(tmp_path):
     path = write_sweep(tmp_path, "grid", TINY_AXES)
 
@@ -159,6 +161,7 @@ def finals(sweep_dir: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_sweep_runs_stops_on_sigterm_and_resumes_to_the_same_results(tmp_path, mnist):
     whole = write_sweep(tmp_path, "whole", TINY_AXES, data=mnist)
     proc = run_sweep(whole, "--procs", "2", "--gpus", "none")
@@ -200,6 +203,7 @@ def test_sweep_runs_stops_on_sigterm_and_resumes_to_the_same_results(tmp_path, m
             assert torch.equal(ours[name][1][key], model[key]), (name, key)
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, mnist):
     axes = {"setting": {"good": {"data.root": str(mnist)}, "gone": {"data.root": str(tmp_path / "missing")}},
             "method.name": ["jocor"]}

@@ -8,6 +8,8 @@ import yaml
 from helpers import HAVE_FASHION_MNIST, child_env, metric_rows, run_python, run_torchrun, train_args
 from jocor_ddp.config import config_from_dict
 
+pytestmark = pytest.mark.slow  # real training runs, most under torchrun with 2 ranks
+
 
 def _rows(run_dir):
     return metric_rows(run_dir, keep_time=True)
