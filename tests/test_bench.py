@@ -53,6 +53,7 @@ def test_bench_train_and_data_from_prepared_shards(tmp_path, mnist_data):
     assert data["train_samples"] == 256 and data["resize"] is None and data["batch_size"] == 32
 
 
+@pytest.mark.slow
 def test_bench_comm_counts_bytes():
     out = _json(run_python(["-m", "jocor_ddp.bench", "comm", "--world-sizes", "1,2,8", *MODEL]))
     params = 2 * (784 * 256 + 256 + 256 * 10 + 10)

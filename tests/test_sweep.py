@@ -263,6 +263,7 @@ def test_report_mean_and_std_match_a_hand_computation(tmp_path):
     assert f"| MNIST | sym20 | {jocor_cell} |" in (picked / "table.md").read_text()
 
 
+@pytest.mark.slow
 def test_report_plots_a_sweep(tmp_path):
     pytest.importorskip("matplotlib")
     import random
