@@ -13,17 +13,37 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# The real Fashion-MNIST (apt-get install dataset-fashion-mnist; tests/run.sh installs it).
+HAVE_FASHION_MNIST = FASHION_MNIST.is_dir()
+needs_fashion_mnist = pytest.mark.skipif(not HAVE_FASHION_MNIST, reason="dataset-fashion-mnist is not installed "
+                                         "(tests/run.sh installs it)")
 # metrics.jsonl fields that measure time: they differ between otherwise identical runs.
 TIME_FIELDS = {"epoch_s", "samples_per_s", "eval_s", "estimate_s"}
 
 
-def metric_rows(run_dir: Path) -> list[dict]:
-    """A run's metrics.jsonl rows, time fields aside: what equal runs must share."""
+def metric_rows(run_dir: Path, *, keep_time: bool = False) -> list[dict]:
+    """A run's metrics.jsonl rows, time fields aside (what equal runs must share), or whole
+    with keep_time=True. The one reader of metrics.jsonl in the tests."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    if keep_time:
+        return rows
     return [{k: v for k, v in row.items() if k not in TIME_FIELDS} for row in rows]
+
+
+def train_args(data: Path | None, run_dir: Path, *overrides: str, config: str | None = None,
+               entry: tuple[str, ...] = ("-m", "jocor_ddp.train")) -> list[str]:
+    """The one training command line of the tests, for run_torchrun / run_python:
+    ``ENTRY [--config CONFIG] [data.name=mnist data.root=DATA] log.progress=never run.dir=RUN_DIR
+    OVERRIDES...`` (the overrides last: they win over the defaults here). ``data=None`` leaves the
+    dataset to the config; ``entry`` names another script that takes the same overrides, and
+    ``entry=()`` gives the overrides alone, for load_config in the test's own process."""
+    return [*entry, *(["--config", config] if config else []),
+            *(["data.name=mnist", f"data.root={data}"] if data is not None else []),
+            "log.progress=never", f"run.dir={run_dir}", *overrides]
 
 
 def free_port() -> int:

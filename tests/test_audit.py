@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tiny_run import N_TRAIN, final_checkpoint, tiny_run
+from tiny_run import N_TRAIN, final_checkpoint
 
 from jocor_ddp import audit
 from jocor_ddp.checkpoint import CheckpointError, load_checkpoint
@@ -16,8 +16,8 @@ from jocor_ddp.state import read_state
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory)
+def run(tiny_run):
+    return tiny_run
 
 
 def t(*values):

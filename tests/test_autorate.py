@@ -7,23 +7,22 @@ import json
 import numpy as np
 import pytest
 
-from helpers import FASHION_MNIST, make_mnist, metric_rows, run_python, run_torchrun
+from helpers import metric_rows, needs_fashion_mnist, run_python, run_torchrun, train_args
 
-BASE = ["model.arch=mlp", "train.batch_size=32", "log.progress=never", "method.num_gradual=3",
-        "method.co_lambda=0.5"]
+BASE = ["model.arch=mlp", "train.batch_size=32", "method.num_gradual=3", "method.co_lambda=0.5"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=640, n_test=64)
+def data(mnist_data):
+    return mnist_data(640, 64)
 
 
 def _train(data, run_dir, *extra, nproc=1, check=True):
-    args = ["-m", "jocor_ddp.train", "data.name=mnist", f"data.root={data}", *BASE, f"run.dir={run_dir}", *extra]
-    return run_torchrun(nproc, args, check=check, timeout=240)
+    return run_torchrun(nproc, train_args(data, run_dir, *BASE, *extra), check=check, timeout=240)
 
 
-@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist is not installed (tests/run.sh installs it)")
+@pytest.mark.slow
+@needs_fashion_mnist
 @pytest.mark.parametrize("noise", [["noise.type=none", "noise.rate=0"], ["noise.rate=0.3"], ["noise.rate=0.6"],
                                    ["noise.type=pairflip", "noise.rate=0.45"]])
 def test_estimate_noise_finds_the_rate_of_known_noise(tmp_path, noise):
@@ -44,6 +43,26 @@ def test_estimate_noise_finds_the_rate_of_known_noise(tmp_path, noise):
     assert abs(result["estimate"] - actual) < abs(result["epochs"][-1]["disagreement"] - actual), proc.stdout
 
 
+def test_estimate_noise_command_on_generated_data(data, tmp_path):
+    """The quick check of ``python -m jocor_ddp.estimate_noise`` (one process, generated
+    data, the overrides of the runs below): it trains only the estimator's epochs
+    (num_gradual=3), writes every epoch's estimate, and prints the final, decided one."""
+    out = tmp_path / "estimate.json"
+    proc = run_python(["-m", "jocor_ddp.estimate_noise", "data.name=mnist", f"data.root={data}", *BASE,
+                       "noise.rate=0.4", "train.epochs=4", "--out", str(out), "--run-dir", str(tmp_path / "run")],
+                      timeout=240)
+    result = json.loads(out.read_text())
+    assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3] and result["epochs"][-1]["final"]
+    assert result["epochs"][-1]["undecided"] is None and 0 < result["estimate"] < 1
+    assert result["estimate"] == result["epochs"][-1]["forget_rate_estimate"]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"noise rate estimate: {result['estimate']:.3f}"), proc.stdout
+    actual = float(line.split("actual ")[1].split()[0])
+    assert abs(actual - 0.4) < 0.05, proc.stdout  # its accuracy: the Fashion-MNIST test above
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no checkpoint: a short run, not a training run
+
+
+@pytest.mark.slow
 def test_one_process_and_two_ranks_reach_the_same_estimate(data, tmp_path):
     runs = {}
     for nproc in (1, 2):
@@ -64,6 +83,7 @@ def test_one_process_and_two_ranks_reach_the_same_estimate(data, tmp_path):
     assert runs[1][2]["forget_rate"] == estimates[0][1]
 
 
+@pytest.mark.slow
 def test_undecided_estimate_says_so_and_uses_the_fallback(data, tmp_path):
     """A label file that gives every sample class 0: the networks predict one class, so the
     estimator cannot decide. noise.type=file also makes auto the default."""
@@ -79,6 +99,7 @@ def test_undecided_estimate_says_so_and_uses_the_fallback(data, tmp_path):
     assert rows[0]["noise_estimate"]["undecided"].startswith("a single mode")
 
 
+@pytest.mark.slow
 def test_too_few_samples_for_the_estimator_is_an_error_on_every_rank(data, tmp_path):
     proc = _train(data, tmp_path / "run", "method.forget_rate=auto", "data.train_subset=150", nproc=2, check=False)
     assert proc.returncode != 0
@@ -87,6 +108,7 @@ def test_too_few_samples_for_the_estimator_is_an_error_on_every_rank(data, tmp_p
                 f"to estimate the noise rate (200 for 10 classes); this run trains on 150") in proc.stderr
 
 
+@pytest.mark.slow
 def test_held_out_samples_do_not_count_towards_the_estimators_minimum(data, tmp_path):
     """220 samples, 22 held out for validation: the estimate would score 198, under 200."""
     proc = _train(data, tmp_path / "run", "method.forget_rate=auto", "data.train_subset=220",
@@ -95,6 +117,7 @@ def test_held_out_samples_do_not_count_towards_the_estimators_minimum(data, tmp_
     assert "(200 for 10 classes); this run trains on 198" in proc.stderr
 
 
+@pytest.mark.slow
 def test_auto_with_a_method_that_takes_no_forget_rate_is_an_error(data, tmp_path):
     proc = _train(data, tmp_path / "run", "method.forget_rate=auto", "method.name=standard", check=False)
     assert proc.returncode != 0

@@ -4,7 +4,7 @@
 import json
 
 import pytest
-from helpers import make_mnist, run_python, run_torchrun
+from helpers import run_python, run_torchrun
 
 MODEL = ["data.name=mnist", "model.arch=mlp", "train.batch_size=32"]
 
@@ -21,14 +21,16 @@ def test_bench_step_reports_the_setting_and_a_median(tmp_path):
     assert out["samples_per_s"] == sorted(out["samples_per_s_all"])[1] > 0
 
 
+@pytest.mark.slow
 def test_bench_step_under_torchrun_prints_once(tmp_path):
     proc = run_torchrun(2, ["-m", "jocor_ddp.bench", "step", "--steps", "3", "--repeats", "1",
                             "--warmup", "1", *MODEL, f"run.dir={tmp_path}"])
     assert proc.stdout.count('"bench": "step"') == 1 and '"world_size": 2' in proc.stdout
 
 
-def test_bench_train_and_data_from_prepared_shards(tmp_path):
-    root = make_mnist(tmp_path / "raw", n_train=256, n_test=64)
+@pytest.mark.slow
+def test_bench_train_and_data_from_prepared_shards(tmp_path, mnist_data):
+    root = mnist_data(256, 64)
     run_python(["-m", "jocor_ddp.prepare", "mnist", "--src", str(root), "--out", str(tmp_path / "shards"),
                 "--shard-size", "64", "--progress", "never"])
     train = _json(run_python(["-m", "jocor_ddp.bench", "train", "--epochs", "1", "--skip-steps", "2", *MODEL,
@@ -51,6 +53,7 @@ def test_bench_train_and_data_from_prepared_shards(tmp_path):
     assert data["train_samples"] == 256 and data["resize"] is None and data["batch_size"] == 32
 
 
+@pytest.mark.slow
 def test_bench_comm_counts_bytes():
     out = _json(run_python(["-m", "jocor_ddp.bench", "comm", "--world-sizes", "1,2,8", *MODEL]))
     params = 2 * (784 * 256 + 256 + 256 * 10 + 10)

@@ -100,6 +100,7 @@ def test_cli_reports_config_error_without_traceback():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_world_size_fails_on_every_rank(tmp_path):
     proc = run_torchrun(2, ["-m", "jocor_ddp.train", "train.batch_size=127", f"run.dir={tmp_path}"],
                         check=False, timeout=90)

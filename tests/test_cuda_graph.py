@@ -6,13 +6,11 @@ mixed precision under capture; a capture that fails falls back (auto) or stops t
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from helpers import child_env, make_cifar, make_mnist, run_python
+from helpers import child_env, make_cifar, metric_rows, run_python, train_args
 from jocor_ddp.checkpoint import list_checkpoints
 from jocor_ddp.config import load_config
 from jocor_ddp.dist import DistContext
@@ -27,8 +25,8 @@ STEPS = 50
 
 
 @pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=1024, n_test=64)
+def mnist(mnist_data):
+    return mnist_data(1024, 64)
 
 
 def cuda() -> DistContext:
@@ -116,19 +114,16 @@ def test_a_failed_capture_trains_eagerly_under_auto_and_stops_under_true(mnist, 
 
 
 def test_captured_run_stopped_mid_epoch_resumes_bit_for_bit(mnist, tmp_path):
-    args = ["-m", "jocor_ddp.train", "data.name=mnist", f"data.root={mnist}", "model.arch=mlp",
-            "train.batch_size=128", "train.epochs=3", "method.num_gradual=2", "train.precision=fp32",
-            "train.cuda_graph=true", "checkpoint.every_steps=5", "checkpoint.keep=20", "log.progress=never"]
-    run_python([*args, f"run.dir={tmp_path / 'a'}"])
-    stopped = run_python([*args, f"run.dir={tmp_path / 'b'}"], env=child_env(JOCOR_FAULT="sigterm:0:11"))
+    overrides = ["model.arch=mlp", "train.batch_size=128", "train.epochs=3", "method.num_gradual=2",
+                 "train.precision=fp32", "train.cuda_graph=true", "checkpoint.every_steps=5", "checkpoint.keep=20"]
+    run_python(train_args(mnist, tmp_path / "a", *overrides))
+    stopped = run_python(train_args(mnist, tmp_path / "b", *overrides), env=child_env(JOCOR_FAULT="sigterm:0:11"))
     assert "stopped by signal 15 at epoch 2" in stopped.stdout
-    resumed = run_python([*args, f"run.dir={tmp_path / 'b'}"])
+    resumed = run_python(train_args(mnist, tmp_path / "b", *overrides))
     assert "resumed from" in resumed.stdout and "cuda graph" in resumed.stdout
 
     def final(run):
-        rows = [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
-                for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return rows, read_state(list_checkpoints(run / "checkpoints")[0]).model
+        return metric_rows(run), read_state(list_checkpoints(run / "checkpoints")[0]).model
     (rows_a, model_a), (rows_b, model_b) = final(tmp_path / "a"), final(tmp_path / "b")
     assert rows_a == rows_b
     for k in model_a:

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import FASHION_MNIST, REPO, make_mnist, metric_rows
+from helpers import FASHION_MNIST, REPO, metric_rows
 from jocor_ddp.checkpoint import list_checkpoints
 from jocor_ddp.state import read_state
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 BASE = os.environ.get("JOCOR_TEST_BASE", "jocor-test-base:local")
 IMAGE = "jocor-ddp:test"
@@ -65,12 +65,10 @@ def containers():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    if (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
-        return FASHION_MNIST
-    root = tmp_path_factory.mktemp("fashion-mnist")  # Fashion-MNIST's files, generated
-    make_mnist(root, n_train=SUBSET, n_test=2000)
-    root.chmod(0o755)  # pytest makes it 0700: readable by the container's user too
+def data(fashion_mnist):
+    root = fashion_mnist(SUBSET, 2000)  # without the real set: Fashion-MNIST's files, generated
+    if root != FASHION_MNIST:
+        root.chmod(0o755)  # pytest makes it 0700: readable by the container's user too
     return root
 
 

@@ -3,23 +3,24 @@
 import pytest
 import torch
 
-from helpers import make_mnist, run_torchrun
+from helpers import run_torchrun, train_args
+
+pytestmark = pytest.mark.slow  # four torchrun runs
 
 
 def _run(tmp_path, nproc, data, selection="global"):
     out = tmp_path / f"{selection}-{nproc}.pt"
-    run_torchrun(nproc, ["tests/workers/equivalence.py", str(out),
-                         "data.name=mnist", f"data.root={data}", "model.arch=mlp",
-                         "noise.type=symmetric", "noise.rate=0.5", "method.num_gradual=2",
-                         "method.co_lambda=0.5", "train.batch_size=64", "train.epochs=3",
-                         f"run.dir={tmp_path / f'run-{selection}-{nproc}'}", f"selection={selection}",
-                         "log.progress=never"], timeout=240)
+    run_torchrun(nproc, train_args(data, tmp_path / f"run-{selection}-{nproc}", "model.arch=mlp",
+                                   "noise.type=symmetric", "noise.rate=0.5", "method.num_gradual=2",
+                                   "method.co_lambda=0.5", "train.batch_size=64", "train.epochs=3",
+                                   f"selection={selection}", entry=("tests/workers/equivalence.py", str(out))),
+                 timeout=240)
     return torch.load(out, weights_only=True)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=512, n_test=64)
+def data(mnist_data):
+    return mnist_data(512, 64)
 
 
 def test_two_ranks_equal_one_process(tmp_path, data):

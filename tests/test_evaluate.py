@@ -7,22 +7,22 @@ import json
 import pytest
 import torch
 
-from helpers import run_python
-from tiny_run import EPOCHS, N_TEST, final_checkpoint, metrics_rows, tiny_run
+from helpers import metric_rows, run_python
+from tiny_run import EPOCHS, N_TEST, final_checkpoint
 
 from jocor_ddp import evaluate
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory)
+def run(tiny_run):
+    return tiny_run
 
 
 def test_accuracy_equals_the_last_metrics_row(run, tmp_path):
     ckpt = final_checkpoint(run)
     proc = run_python(["-m", "jocor_ddp.evaluate", str(ckpt), "--out", str(tmp_path), "--device", "cpu"])
     result = json.loads((tmp_path / "evaluate-test.json").read_text())
-    last = metrics_rows(run)[-1]
+    last = metric_rows(run, keep_time=True)[-1]
     assert last["epoch"] == EPOCHS and result["epoch"] == EPOCHS
     # The final checkpoint is written right after the last epoch's evaluation: the same numbers.
     assert result["acc1"] == last["test_acc1"]

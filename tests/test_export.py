@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import run_python
-from tiny_run import final_checkpoint, tiny_run
+from tiny_run import final_checkpoint
 
 from jocor_ddp import export
 from jocor_ddp.checkpoint import CheckpointError
@@ -19,8 +19,8 @@ from jocor_ddp.state import read_state
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory)
+def run(tiny_run):
+    return tiny_run
 
 
 def checkpoint_pair(path):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import FASHION_MNIST, REPO, child_env, fake_bin, make_mnist
+from helpers import REPO, child_env, fake_bin, metric_rows
 from jocor_ddp.config import load_config
 
 LAUNCHERS = ["launch/local.sh", "launch/multinode.sh", "launch/slurm.sbatch", "launch/sweep.sbatch"]
@@ -121,10 +121,11 @@ def test_launcher_refuses_what_cannot_work(args, env, message):
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
-def test_local_sh_trains_end_to_end_and_resumes(tmp_path):
+@pytest.mark.slow
+def test_local_sh_trains_end_to_end_and_resumes(tmp_path, fashion_mnist):
     """A real run: two CPU workers, one epoch; the same command with two epochs then
     continues from the run folder's checkpoint instead of starting again."""
-    data = FASHION_MNIST if FASHION_MNIST.is_dir() else make_mnist(tmp_path / "data", n_train=512, n_test=256)
+    data = fashion_mnist(512, 256)
     env = launch_env(NPROC_PER_NODE="2", RUNS=str(tmp_path / "runs"))
     args = ["launch/local.sh", "configs/fashion_mnist_sym50.yaml", f"data.root={data}", "data.train_subset=512",
             "data.test_subset=256", "train.batch_size=64", "log.progress=never"]
@@ -132,20 +133,20 @@ def test_local_sh_trains_end_to_end_and_resumes(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
     assert "2 rank(s)" in first.stdout
     run_dir = tmp_path / "runs" / "fashion_mnist_sym50"  # named after the config: stable across restarts
-    assert [r["epoch"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())] == [1]
+    assert [r["epoch"] for r in metric_rows(run_dir, keep_time=True)] == [1]
     second = run_launcher([*args, "train.epochs=2"], env, timeout=180)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-6000:]
     assert not re.search(r"^epoch\s+1/", second.stdout, re.M), "epoch 1 was trained again"
     assert re.search(r"^epoch\s+2/2", second.stdout, re.M)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["epoch"] for r in metric_rows(run_dir, keep_time=True)] == [1, 2]
 
 
-def test_local_sh_stopped_by_sigterm_checkpoints_and_exits_143(tmp_path):
+@pytest.mark.slow
+def test_local_sh_stopped_by_sigterm_checkpoints_and_exits_143(tmp_path, fashion_mnist):
     """SIGTERM to the launcher, as `docker stop` sends it to the container's first process:
     torchrun's workers write a checkpoint mid-epoch and the launcher exits 143 (stopped),
     not torchrun's 1 (failed)."""
-    data = FASHION_MNIST if FASHION_MNIST.is_dir() else make_mnist(tmp_path / "data", n_train=4096, n_test=256)
+    data = fashion_mnist(4096, 256)
     env = launch_env(NPROC_PER_NODE="2", RUNS=str(tmp_path / "runs"), RUN_NAME="stopped")
     args = ["launch/local.sh", "configs/fashion_mnist_sym50.yaml", f"data.root={data}", "data.train_subset=4096",
             "data.test_subset=256", "train.batch_size=32", "train.epochs=1", "checkpoint.every_steps=2",
@@ -380,6 +381,7 @@ def test_dockerfile_passes_hadolint():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_image_contents_install_and_print_help(tmp_path):
     """What the image's COPY lines take from the build context installs with
     `pip install --no-deps .` and runs the default command, away from the checkout."""

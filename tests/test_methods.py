@@ -1,12 +1,10 @@
 """The baselines: each update rule on hand-checked cases, and every method training under 2 ranks."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import make_mnist, run_torchrun
+from helpers import metric_rows, run_torchrun, train_args
 from jocor_ddp.checkpoint import list_checkpoints
 from jocor_ddp.dist import DistContext
 from jocor_ddp.config import MethodConfig
@@ -78,17 +76,18 @@ def test_no_disagreement_means_no_update():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=64)
+def data(mnist_data):
+    return mnist_data(256, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["jocor", "coteaching", "coteaching_plus", "decoupling", "standard"])
 def test_every_method_trains_two_epochs_on_two_ranks(data, tmp_path, method):
     run = tmp_path / "run"
-    run_torchrun(2, ["-m", "jocor_ddp.train", "data.name=mnist", f"data.root={data}", "train.batch_size=32",
-                     "train.epochs=2", "train.lr=0.01", "noise.rate=0.2", "method.forget_rate=0.5", "method.num_gradual=1", "method.init_epoch=1", f"method.name={method}",
-                     "log.progress=never", f"run.dir={run}"])
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    run_torchrun(2, train_args(data, run, "train.batch_size=32", "train.epochs=2", "train.lr=0.01", "noise.rate=0.2",
+                               "method.forget_rate=0.5", "method.num_gradual=1", "method.init_epoch=1",
+                               f"method.name={method}"))
+    rows = metric_rows(run, keep_time=True)
     assert len(rows) == 2 and all(r["train_loss"] == r["train_loss"] for r in rows)
     assert rows[0]["kept"] > 0
     if method in ("jocor", "coteaching", "standard"):

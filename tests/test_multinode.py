@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from helpers import REPO, child_env, free_port, make_mnist, metric_rows, run_torchrun
+from helpers import REPO, child_env, free_port, metric_rows, run_torchrun, train_args
 
+pytestmark = pytest.mark.slow  # two torchrun agents and a 2-worker run per test
 TIMEOUT_S = 150
 
 
@@ -27,7 +28,7 @@ def _overrides(data) -> list[str]:
 
 
 def _train_args(data, run_dir) -> list[str]:
-    return ["-m", "jocor_ddp.train", "--config", CONFIG, *_overrides(data), f"run.dir={run_dir}"]
+    return train_args(None, run_dir, *_overrides(data), config=CONFIG)
 
 
 def _run_nodes(commands: list[list[str]], envs: list[dict]) -> list[str]:
@@ -47,8 +48,8 @@ def _run_nodes(commands: list[list[str]], envs: list[dict]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=512, n_test=200)
+def data(mnist_data):
+    return mnist_data(512, 200)
 
 
 @pytest.fixture(scope="module")

@@ -52,13 +52,12 @@ def test_same_seed_same_labels_other_seed_other_labels():
     assert not np.array_equal(a, apply_transition(clean, p, 1))
 
 
-def test_world_size_and_training_seed_do_not_change_labels(tmp_path):
-    from helpers import make_mnist
+def test_world_size_and_training_seed_do_not_change_labels(mnist_data):
     from jocor_ddp.config import load_config
     from jocor_ddp.data import build_data
     from jocor_ddp.dist import DistContext
 
-    root = make_mnist(tmp_path / "mnist", n_train=300, n_test=20)
+    root = mnist_data(300, 20)
     labels = []
     for seed, rank, world in ((1, 0, 1), (7, 0, 2), (1, 1, 2), (3, 2, 4)):
         cfg = load_config(None, ["data.name=mnist", f"data.root={root}", f"train.seed={seed}",

@@ -10,8 +10,7 @@ import sys
 import pytest
 import yaml
 
-from helpers import run_python
-from tiny_run import metrics_rows, tiny_run
+from helpers import metric_rows, run_python
 
 from jocor_ddp import report
 from jocor_ddp.grid import load_sweep
@@ -60,10 +59,10 @@ def test_table_from_hand_written_metrics(hand_runs, tmp_path, capsys):
     assert table in capsys.readouterr().out
 
 
-def test_plots_and_table_from_a_real_run(tmp_path_factory, tmp_path):
+def test_plots_and_table_from_a_real_run(tiny_run, tmp_path):
     pytest.importorskip("matplotlib")
-    run = tiny_run(tmp_path_factory)
-    rows = metrics_rows(run)
+    run = tiny_run
+    rows = metric_rows(run, keep_time=True)
     out = tmp_path / "report"
     proc = run_python(["-m", "jocor_ddp.report", str(run), "--out", str(out), "--acc", "both"])
     for name in ("test_accuracy.png", "label_precision.png"):

@@ -3,13 +3,16 @@
 Every interrupted run must end where the uninterrupted run A ends: the same parameters,
 bit for bit, and the same metrics.jsonl rows (time fields aside). Every run here estimates
 its forget rate (method.forget_rate: auto, rows with the estimate and its evidence) and
-holds out a noisy validation split (val_acc in every row): both resume exactly too."""
+holds out a noisy validation split (val_acc in every row): both resume exactly too.
+
+All but one are marked slow (several 2-rank runs each); the quick subset keeps the
+one-process test that a checkpoint carries the noise estimate (a SIGTERM, then resume)."""
 
 
 import pytest
 import torch
 
-from helpers import child_env, make_mnist, metric_rows, run_torchrun
+from helpers import child_env, metric_rows, run_python, run_torchrun, train_args
 from jocor_ddp.checkpoint import list_checkpoints
 from jocor_ddp.state import read_state
 
@@ -17,10 +20,9 @@ EPOCHS, STEPS = 3, 8
 
 
 def _args(data, run_dir, *extra):
-    return ["-m", "jocor_ddp.train", "data.name=mnist", f"data.root={data}", "model.arch=mlp",
-            "train.batch_size=32", f"train.epochs={EPOCHS}", "method.num_gradual=2", "noise.rate=0.4",
-            "checkpoint.every_steps=3", "checkpoint.keep=20", "log.progress=never", f"run.dir={run_dir}",
-            "method.forget_rate=auto", "data.val_fraction=0.1111", *extra]
+    return train_args(data, run_dir, "model.arch=mlp", "train.batch_size=32", f"train.epochs={EPOCHS}",
+                      "method.num_gradual=2", "noise.rate=0.4", "checkpoint.every_steps=3", "checkpoint.keep=20",
+                      "method.forget_rate=auto", "data.val_fraction=0.1111", *extra)
 
 
 def _final_model(run_dir):
@@ -39,9 +41,9 @@ def assert_same_run(run_dir, reference_dir):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(mnist_data):
     # 288 samples, 32 held out for validation: 256 train, 8 steps of 32 an epoch.
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=288, n_test=64)
+    return mnist_data(288, 64)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,7 @@ def run_a(data, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(data, run_a, tmp_path):
     run_dir = tmp_path / "run"
     # Rank 1 is SIGKILLed before global step 13 (epoch 2, step 5); the newest checkpoint is step 12.
@@ -66,6 +69,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(data, run_a, tmp_pa
     assert_same_run(run_dir, run_a)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_at_that_step_exits_0_and_resumes(data, run_a, tmp_path):
     run_dir = tmp_path / "run"
     stopped = run_torchrun(2, _args(data, run_dir), env=child_env(JOCOR_FAULT="sigterm:1:10"))
@@ -77,6 +81,7 @@ def test_sigterm_checkpoints_at_that_step_exits_0_and_resumes(data, run_a, tmp_p
     assert_same_run(run_dir, run_a)
 
 
+@pytest.mark.slow
 def test_truncated_newest_checkpoint_falls_back_with_warning(data, run_a, tmp_path):
     run_dir = tmp_path / "run"
     run_torchrun(2, _args(data, run_dir), env=child_env(JOCOR_FAULT="crash:0:20"), check=False)
@@ -89,6 +94,7 @@ def test_truncated_newest_checkpoint_falls_back_with_warning(data, run_a, tmp_pa
     assert_same_run(run_dir, run_a)
 
 
+@pytest.mark.slow
 def test_torchrun_max_restarts_recovers_from_a_crash(data, run_a, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_torchrun(2, _args(data, run_dir), env=child_env(JOCOR_FAULT="crash:1:7"),
@@ -98,6 +104,7 @@ def test_torchrun_max_restarts_recovers_from_a_crash(data, run_a, tmp_path):
     assert_same_run(run_dir, run_a)
 
 
+@pytest.mark.slow
 def test_resume_with_another_world_size_continues_the_same_epoch(data, run_a, tmp_path):
     """The in-memory loader's order is one global permutation: 1 rank can finish what 2
     ranks started (parameters then agree to float tolerance, not bit for bit)."""
@@ -111,6 +118,7 @@ def test_resume_with_another_world_size_continues_the_same_epoch(data, run_a, tm
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_collective_timeout_is_a_clear_error(data, tmp_path):
     """A peer that stops answering: the others fail after dist.timeout_s, never hang."""
     proc = run_torchrun(2, _args(data, tmp_path / "run", "dist.timeout_s=5"),
@@ -130,6 +138,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_checkpoint_that_would_run_code_is_refused_on_every_rank(data, tmp_path):
     run_dir = tmp_path / "run"
     marker = tmp_path / "pwned"
@@ -146,7 +155,6 @@ def test_checkpoint_that_would_run_code_is_refused_on_every_rank(data, tmp_path)
 
 
 def _single(data, run_dir, *extra, env=None):
-    from helpers import run_python
     return run_python(_args(data, run_dir, *extra), env=env)
 
 
@@ -165,6 +173,7 @@ def test_the_noise_estimate_travels_in_checkpoints(data, tmp_path):
     assert_same_run(split, whole)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_amp_checkpoints_resume_exactly(data, tmp_path, precision):
     """Mixed precision on CPU autocast: the GradScaler state (fp16) and everything else
@@ -185,7 +194,6 @@ def test_amp_checkpoints_resume_exactly(data, tmp_path, precision):
 @pytest.fixture(scope="module")
 def shard_args(data, tmp_path_factory):
     """Train from shards through the decoding workers (data.cache=stream), not the device cache."""
-    from helpers import run_python
     shards = tmp_path_factory.mktemp("shards")
     run_python(["-m", "jocor_ddp.prepare", "mnist", "--src", str(data), "--out", str(shards),
                 "--shard-size", "32", "--progress", "never"])
@@ -200,6 +208,7 @@ def stream_run_a(data, shard_args, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_the_stream_trains_exactly_like_the_memory_source(stream_run_a, run_a):
     """Same order, same pixels (PNG shards decode to the IDX pixels), same labels: the
     streamed run under 2 ranks is the in-memory run, bit for bit (the noise estimates and the
@@ -207,6 +216,7 @@ def test_the_stream_trains_exactly_like_the_memory_source(stream_run_a, run_a):
     assert_same_run(stream_run_a, run_a)
 
 
+@pytest.mark.slow
 def test_the_device_cache_trains_exactly_like_the_memory_source(data, shard_args, run_a, tmp_path):
     """The third source: the shards decoded once into the device cache."""
     cached = [a.replace("data.cache=stream", "data.cache=device") for a in shard_args]
@@ -214,6 +224,7 @@ def test_the_device_cache_trains_exactly_like_the_memory_source(data, shard_args
     assert_same_run(tmp_path / "run", run_a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["crash:1:13", "sigterm:0:13"])
 def test_stream_interrupted_then_resumed_matches_uninterrupted(data, shard_args, stream_run_a, tmp_path, fault):
     run_dir = tmp_path / "run"
@@ -225,6 +236,7 @@ def test_stream_interrupted_then_resumed_matches_uninterrupted(data, shard_args,
     assert_same_run(run_dir, stream_run_a)
 
 
+@pytest.mark.slow
 def test_stream_in_one_process_interrupted_then_resumed_matches_uninterrupted(data, shard_args, tmp_path):
     """One process, two persistent decoding workers: SIGTERM mid-epoch, then the same command."""
     run_torchrun(1, _args(data, tmp_path / "a", *shard_args, "data.num_workers=2"))
@@ -235,6 +247,7 @@ def test_stream_in_one_process_interrupted_then_resumed_matches_uninterrupted(da
     assert_same_run(tmp_path / "b", tmp_path / "a")
 
 
+@pytest.mark.slow
 def test_stream_resumes_under_another_world_size_mid_epoch(data, shard_args, stream_run_a, tmp_path):
     """The stream's order is one global permutation, as the memory source's: 1 rank finishes
     the epoch 2 ranks started (parameters then agree to float tolerance)."""
@@ -249,10 +262,10 @@ def test_stream_resumes_under_another_world_size_mid_epoch(data, shard_args, str
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_stream_skipping_bad_samples_resumes_with_the_same_counts(data, tmp_path):
     """data.on_bad_sample=skip: the bad samples met before a mid-epoch checkpoint travel in it,
     so the resumed run's rows, bad_samples included, equal the uninterrupted run's."""
-    from helpers import run_python
     from shard_fixtures import rewrite_sample, undecodable_png
     shards = tmp_path / "shards"
     run_python(["-m", "jocor_ddp.prepare", "mnist", "--src", str(data), "--out", str(shards),

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import make_mnist
+from helpers import train_args
 from reference_step import ReferenceStep
 from jocor_ddp.config import ConfigError, load_config
 from jocor_ddp.dist import DistContext
@@ -30,17 +30,17 @@ EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=192, n_test=32)
+def mnist(mnist_data):
+    return mnist_data(192, 32)
 
 
 def _trainer(mnist, tmp_path, *extra) -> Trainer:
     # Forget rate 0 -> 0.5 over two epochs; lr decay and beta1 0.9 -> 0.1 from epoch 2:
     # every per-epoch value changes at some boundary.
-    cfg = load_config(None, ["data.name=mnist", f"data.root={mnist}", "model.arch=mlp", "train.batch_size=32",
-                             f"train.epochs={EPOCHS}", "method.num_gradual=2", "method.forget_rate=0.5",
-                             "method.init_epoch=1", "train.epoch_decay_start=1", "train.lr=0.01",
-                             "log.progress=never", f"run.dir={tmp_path / 'run'}", *extra])
+    cfg = load_config(None, train_args(mnist, tmp_path / "run", "model.arch=mlp", "train.batch_size=32",
+                                       f"train.epochs={EPOCHS}", "method.num_gradual=2", "method.forget_rate=0.5",
+                                       "method.init_epoch=1", "train.epoch_decay_start=1", "train.lr=0.01",
+                                       *extra, entry=()))
     return Trainer(cfg, DistContext())
 
 

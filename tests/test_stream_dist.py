@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers, when run by torchrun
 
-from helpers import child_env, run_python, run_torchrun  # noqa: E402
+from helpers import child_env, metric_rows, run_python, run_torchrun, train_args  # noqa: E402
 
 WORKER = str(Path(__file__).resolve())
 
@@ -94,6 +94,7 @@ if __name__ == "__main__":
 from shard_fixtures import (clothing1m_shards, flip_byte, key, member_offset, mnist_shards,  # noqa: E402
                             rewrite_index, rewrite_sample, shard_of, undecodable_png)
 
+pytestmark = pytest.mark.slow  # every test runs torchrun with 2 ranks
 GLOO = ["dist.backend=gloo", "train.device=cpu"]
 
 
@@ -234,13 +235,13 @@ def test_every_bad_input_stops_every_rank_by_name(tmp_path):
 def train_cli(tmp_path: Path, overrides: list[str], *, check: bool = True, timeout: float = 150):
     # torchrun stops the other ranks as soon as one exits; a 2 s watch lets both ranks,
     # which fail at the same step, print their own error first.
-    return run_torchrun(2, ["-m", "jocor_ddp.train", f"run.dir={tmp_path / 'run'}", "train.epochs=2",
-                            "model.arch=mlp", "log.progress=never", "dist.timeout_s=60", *overrides],
+    return run_torchrun(2, train_args(None, tmp_path / "run", "train.epochs=2", "model.arch=mlp", "dist.timeout_s=60",
+                                      *overrides),
                         timeout=timeout, check=check, env=child_env(), extra_torchrun=["--monitor-interval=2"])
 
 
 def metrics(tmp_path: Path) -> list[dict]:
-    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return metric_rows(tmp_path / "run", keep_time=True)
 
 
 def test_train_cli_streams_uneven_shards(tmp_path):

@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, child_env, fake_bin, make_mnist, metric_rows, run_python
+from helpers import REPO, child_env, fake_bin, metric_rows, run_python
 from jocor_ddp import report
 from jocor_ddp.checkpoint import list_checkpoints
 from jocor_ddp.grid import load_sweep
@@ -106,6 +106,7 @@ def test_a_malformed_sweep_file_is_named(tmp_path, text, message):
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_list_and_index_cover_every_run_exactly_once(tmp_path):
     path = write_sweep(tmp_path, "grid", TINY_AXES)
     lines = run_sweep(path, "--list").stdout.splitlines()
@@ -123,6 +124,7 @@ def test_list_and_index_cover_every_run_exactly_once(tmp_path):
     assert [l.split("\t")[1] for l in picked] == ["pair30-jocor-seed2", "pair30-coteaching-seed2"]
 
 
+@pytest.mark.slow
 def test_packing_builds_the_child_commands_and_environment(tmp_path):
     path = write_sweep(tmp_path, "grid", TINY_AXES)
 
@@ -146,8 +148,8 @@ def test_packing_builds_the_child_commands_and_environment(tmp_path):
 # --- running on CPU processes --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=128, n_test=64)
+def mnist(mnist_data):
+    return mnist_data(128, 64)
 
 
 def finals(sweep_dir: Path) -> dict:
@@ -160,6 +162,7 @@ def finals(sweep_dir: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_sweep_runs_stops_on_sigterm_and_resumes_to_the_same_results(tmp_path, mnist):
     whole = write_sweep(tmp_path, "whole", TINY_AXES, data=mnist)
     proc = run_sweep(whole, "--procs", "2", "--gpus", "none")
@@ -201,6 +204,7 @@ def test_sweep_runs_stops_on_sigterm_and_resumes_to_the_same_results(tmp_path, m
             assert torch.equal(ours[name][1][key], model[key]), (name, key)
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, mnist):
     axes = {"setting": {"good": {"data.root": str(mnist)}, "gone": {"data.root": str(tmp_path / "missing")}},
             "method.name": ["jocor"]}
@@ -260,6 +264,7 @@ def test_report_mean_and_std_match_a_hand_computation(tmp_path):
     assert f"| MNIST | sym20 | {jocor_cell} |" in (picked / "table.md").read_text()
 
 
+@pytest.mark.slow
 def test_report_plots_a_sweep(tmp_path):
     pytest.importorskip("matplotlib")
     import random

@@ -5,23 +5,24 @@ import json
 import pytest
 import yaml
 
-from helpers import FASHION_MNIST, child_env, make_mnist, run_torchrun
+from helpers import HAVE_FASHION_MNIST, child_env, metric_rows, run_python, run_torchrun, train_args
 from jocor_ddp.config import config_from_dict
 from jocor_ddp.state import read_state
 
+pytestmark = pytest.mark.slow  # real training runs, most under torchrun with 2 ranks
+
 
 def _rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return metric_rows(run_dir, keep_time=True)
 
 
 @pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=101)
+def mnist(mnist_data):
+    return mnist_data(256, 101)
 
 
 def _args(data, run_dir, *extra):
-    return ["-m", "jocor_ddp.train", "data.name=mnist", f"data.root={data}", "train.batch_size=32",
-            "train.epochs=2", "method.num_gradual=1", "log.progress=never", f"run.dir={run_dir}", *extra]
+    return train_args(data, run_dir, "train.batch_size=32", "train.epochs=2", "method.num_gradual=1", *extra)
 
 
 def test_outputs_and_every_test_sample_scored_once(tmp_path, mnist):
@@ -54,8 +55,7 @@ def test_nonfinite_loss_stops_every_rank_with_epoch_step_and_rank(tmp_path, mnis
 def test_fewer_host_syncs_train_the_same_model(tmp_path, mnist):
     run_torchrun(2, _args(mnist, tmp_path / "a"))
     run_torchrun(2, _args(mnist, tmp_path / "b", "train.sync_every=3"))
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
-    assert strip(_rows(tmp_path / "a")) == strip(_rows(tmp_path / "b"))
+    assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")  # time fields aside
 
 
 def test_nonfinite_loss_skipped_and_counted(tmp_path, mnist):
@@ -67,17 +67,15 @@ def test_nonfinite_loss_skipped_and_counted(tmp_path, mnist):
     assert rows[1]["test_acc1"] > 20
 
 
-def test_demo_config_two_ranks_label_precision_beats_noise(tmp_path):
+def test_demo_config_two_ranks_label_precision_beats_noise(tmp_path, mnist_data):
     """The demo config on a slice of real Fashion-MNIST (generated IDX files without it):
     the kept samples are cleaner than the noisy labels."""
-    if FASHION_MNIST.is_dir():
-        data = ["train.epochs=6", "data.train_subset=6000", "data.test_subset=2000"]
+    if HAVE_FASHION_MNIST:
+        data, subset = None, ["data.train_subset=6000", "data.test_subset=2000"]
     else:
-        root = make_mnist(tmp_path / "gen", n_train=3000, n_test=500)
-        data = ["data.name=mnist", f"data.root={root}", "train.epochs=6"]
-    run_torchrun(2, ["-m", "jocor_ddp.train", "--config", "configs/fashion_mnist_sym50.yaml",
-                     f"run.dir={tmp_path / 'run'}", "method.num_gradual=3", "log.progress=never", *data],
-                 timeout=240)
+        data, subset = mnist_data(3000, 500), []
+    run_torchrun(2, train_args(data, tmp_path / "run", "method.num_gradual=3", "train.epochs=6", *subset,
+                               config="configs/fashion_mnist_sym50.yaml"), timeout=240)
     last = _rows(tmp_path / "run")[-1]
     assert last["forget_rate"] == 0.5
     assert last["label_precision"] > 0.5 + 0.15, last
@@ -85,7 +83,6 @@ def test_demo_config_two_ranks_label_precision_beats_noise(tmp_path):
 
 
 def test_fresh_start_replaces_an_earlier_runs_metrics(tmp_path, mnist):
-    from helpers import run_python
     for _ in range(2):
         run_python(_args(mnist, tmp_path / "run", "train.resume=never", "train.epochs=1"))
     assert [r["epoch"] for r in _rows(tmp_path / "run")] == [1]
@@ -119,7 +116,6 @@ def test_compiled_ddp_model_saves_unwrapped_weights(tmp_path, mnist):
 def test_fresh_start_sets_an_earlier_runs_checkpoints_aside(tmp_path, mnist):
     """Otherwise the old, higher-numbered checkpoints would outrank the new run's: keep would
     prune the new ones and a later auto resume would continue the old run."""
-    from helpers import run_python
     from jocor_ddp.checkpoint import list_checkpoints
     run = tmp_path / "run"
     run_python(_args(mnist, run, "train.epochs=3", "checkpoint.keep=2"))

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_mnist
 from jocor_ddp.config import config_from_dict
 from jocor_ddp.data import build_data
 from jocor_ddp.data.memory import MemoryTrainLoader, held_out
@@ -16,8 +15,8 @@ N = 200
 
 
 @pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=N, n_test=20)
+def mnist(mnist_data):
+    return mnist_data(N, 20)
 
 
 def cfg(root, fraction, seed=1, **data):
