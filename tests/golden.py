@@ -13,14 +13,13 @@ time fields aside. It is a script, not a test: the runs take a few minutes on 2 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import REPO, TIME_FIELDS, child_env, free_port  # noqa: E402
+from helpers import REPO, child_env, free_port, metric_rows  # noqa: E402
 from shard_fixtures import clothing1m_shards  # noqa: E402
 
 FMNIST = ["--config", "configs/fashion_mnist_sym50.yaml", "data.train_subset=2000", "data.test_subset=500",
@@ -40,17 +39,12 @@ def scenarios(shards: Path) -> dict[str, tuple[int, list[str]]]:
     }
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in TIME_FIELDS} for row in rows]
-
-
 def run_all(tree: Path, out: Path, shards: Path, reuse: bool = False) -> dict:
     results = {}
     for name, (nproc, args) in scenarios(shards).items():
         run_dir = out / name
         if reuse and (run_dir / "metrics.jsonl").is_file():  # --keep: the base's runs from an earlier call
-            results[name] = _rows(run_dir)
+            results[name] = metric_rows(run_dir)
             continue
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "jocor_ddp.train", *args,
@@ -60,7 +54,7 @@ def run_all(tree: Path, out: Path, shards: Path, reuse: bool = False) -> dict:
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode:
             raise SystemExit(f"{name} in {tree} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-        results[name] = _rows(run_dir)
+        results[name] = metric_rows(run_dir)
         print(f"{tree.name}: {name}: {len(results[name])} epochs, last test acc {results[name][-1]['test_acc1']:.2f}",
               flush=True)
     return results

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from helpers import TIME_FIELDS, child_env, make_mnist, metric_rows, run_python, run_torchrun
+from helpers import child_env, metric_rows, run_python, run_torchrun, train_args
 from jocor_ddp import registry
 from jocor_ddp.data import BadSamples, Batch, DataBundle
 from jocor_ddp.data.memory import epoch_permutation
@@ -59,16 +59,16 @@ def plugin_env(plugin, **extra):
 
 
 @pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=256, n_test=64)
+def mnist(mnist_data):
+    return mnist_data(256, 64)
 
 
 def _args(mnist, run_dir, *extra):
-    return ["-m", "jocor_ddp.train", "data.name=mnist", f"data.root={mnist}", "model.arch=mlp",
-            "method.name=toy", "noise.rate=0.4", "method.num_gradual=1", "train.batch_size=32", "train.epochs=2",
-            "log.progress=never", f"run.dir={run_dir}", *extra]
+    return train_args(mnist, run_dir, "model.arch=mlp", "method.name=toy", "noise.rate=0.4", "method.num_gradual=1",
+                      "train.batch_size=32", "train.epochs=2", *extra)
 
 
+@pytest.mark.slow
 def test_a_registered_toy_method_trains_through_the_ordinary_command(plugin, mnist, tmp_path):
     run_torchrun(2, _args(mnist, tmp_path / "run"), env=plugin_env(plugin), timeout=240)
     rows = metric_rows(tmp_path / "run")
@@ -91,6 +91,7 @@ def test_in_process_the_plugin_is_one_more_entry(plugin, monkeypatch):
         registry.methods.cache_clear()
 
 
+@pytest.mark.slow
 def test_its_entry_names_its_loss_in_the_error_text(plugin, mnist, tmp_path):
     proc = run_torchrun(2, _args(mnist, tmp_path / "run"), env=plugin_env(plugin, JOCOR_FAULT="nan:1:3"),
                         check=False, timeout=240)
@@ -161,15 +162,14 @@ class ArrayLoader:
 
 
 def test_a_new_resident_loader_trains_like_the_memory_source(mnist, tmp_path):
-    overrides = ["data.name=mnist", f"data.root={mnist}", "model.arch=mlp", "noise.type=none", "noise.rate=0",
-                 "train.batch_size=32", "train.epochs=2", "method.forget_rate=0.2", "log.progress=never"]
-    built_in = Trainer(load_config(None, overrides + [f"run.dir={tmp_path / 'a'}"]), DistContext())
-    rows_a = built_in.fit()
+    overrides = ["model.arch=mlp", "noise.type=none", "noise.rate=0", "train.batch_size=32", "train.epochs=2",
+                 "method.forget_rate=0.2"]
+    built_in = Trainer(load_config(None, train_args(mnist, tmp_path / "a", *overrides, entry=())), DistContext())
+    built_in.fit()
     arrays = load_arrays("mnist", str(mnist))
-    cfg = load_config(None, overrides + [f"run.dir={tmp_path / 'b'}"])
+    cfg = load_config(None, train_args(mnist, tmp_path / "b", *overrides, entry=()))
     bundle = DataBundle(name="mnist", classes=arrays.classes, in_channels=1, image_size=28,
                         train=ArrayLoader(arrays.train.images[..., 0], arrays.train.labels, global_batch=32, seed=1),
                         test=built_in.data.test)
-    rows_b = Trainer(cfg, DistContext(), data=bundle).fit()
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIME_FIELDS} for r in rows]  # noqa: E731
-    assert strip(rows_a) == strip(rows_b)
+    Trainer(cfg, DistContext(), data=bundle).fit()
+    assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")

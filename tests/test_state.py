@@ -1,7 +1,7 @@
 """The training state: one typed record per checkpoint, read through one function.
 
 - A checkpoint written by the format-1 code (c9f7fb6: a 22-key dict, stopped mid-epoch with
-  method.forget_rate auto; tests/data/format1-step-12.pt, beside the metrics.jsonl of the
+  method.forget_rate auto; tests/data/format1/step-12.pt, beside the metrics.jsonl of the
   uninterrupted run that wrote it) is read, resumes, and ends exactly as that run ended; the
   offline commands read it too.
 - tau is decided once: on shards whose labels came noisy with method.forget_rate unset, the
@@ -10,28 +10,22 @@
 
 import json
 import shutil
-from pathlib import Path
 
+import pytest
 import torch
 
-from helpers import REPO, TIME_FIELDS, make_mnist, metric_rows, run_python
+from helpers import REPO, make_mnist, metric_rows, run_python, train_args
 from jocor_ddp import audit, evaluate, export
 from jocor_ddp.checkpoint import load_checkpoint
 from jocor_ddp.state import FORMAT, read_state
 from shard_fixtures import clothing1m_shards
 from tiny_run import final_checkpoint
 
-OLD = REPO / "tests" / "data" / "format1-step-12.pt"
-OLD_METRICS = REPO / "tests" / "data" / "format1-metrics.jsonl"
-# What wrote them (in c9f7fb6): make_mnist(ROOT, n_train=256, n_test=40, side=8), then
-OLD_RUN = ["data.name=mnist", "model.arch=mlp", "train.batch_size=32", "train.epochs=2", "method.num_gradual=1",
-           "method.forget_rate=auto", "noise.rate=0.4", "checkpoint.every_steps=3", "checkpoint.keep=20",
-           "log.progress=never"]
-
-
-def old_rows() -> list[dict]:
-    rows = [json.loads(line) for line in OLD_METRICS.read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in TIME_FIELDS} for row in rows]
+OLD_RUN_DIR = REPO / "tests" / "data" / "format1"
+OLD = OLD_RUN_DIR / "step-12.pt"
+# What wrote them (in c9f7fb6): make_mnist(ROOT, n_train=256, n_test=40, side=8), then training with
+OLD_RUN = ["model.arch=mlp", "train.batch_size=32", "train.epochs=2", "method.num_gradual=1",
+           "method.forget_rate=auto", "noise.rate=0.4", "checkpoint.every_steps=3", "checkpoint.keep=20"]
 
 
 def test_a_format_1_checkpoint_reads_as_a_training_state():
@@ -50,11 +44,11 @@ def test_a_format_1_checkpoint_resumes_where_its_run_ended(tmp_path):
     data = make_mnist(tmp_path / "mnist", n_train=256, n_test=40, side=8)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    shutil.copy(OLD, run / "checkpoints" / OLD.name.replace("format1-", ""))
-    (run / "metrics.jsonl").write_text(OLD_METRICS.read_text().splitlines()[0] + "\n")  # epoch 1 was done
-    proc = run_python(["-m", "jocor_ddp.train", f"data.root={data}", f"run.dir={run}", *OLD_RUN])
+    shutil.copy(OLD, run / "checkpoints" / OLD.name)
+    (run / "metrics.jsonl").write_text((OLD_RUN_DIR / "metrics.jsonl").read_text().splitlines()[0] + "\n")  # epoch 1
+    proc = run_python(train_args(data, run, *OLD_RUN))
     assert "resumed from" in proc.stdout and "epoch 2, step 4, global step 12" in proc.stdout
-    assert metric_rows(run) == old_rows()
+    assert metric_rows(run) == metric_rows(OLD_RUN_DIR)
     new = read_state(final_checkpoint(run))
     assert load_checkpoint(final_checkpoint(run))["format"] == FORMAT == 2
     assert (new.epoch, new.global_step, new.forget_rate["auto"]) == (2, 16, True)
@@ -78,15 +72,16 @@ def test_a_training_state_round_trips(tmp_path):
     assert all(torch.equal(again.model[k], v) for k, v in state.model.items())
 
 
+@pytest.mark.slow
 def test_the_audit_uses_the_tau_the_trainer_estimated_on_noisy_labels(tmp_path):
     """Clothing1M-shaped shards (labels that came noisy), method.forget_rate unset: the trainer
     decides auto, and the audit's rule (b) must use that tau, not noise.rate (0)."""
     shards, _ = clothing1m_shards(tmp_path, n_train=300, n_val=4, n_test=14, shard_size=100)
     run = tmp_path / "run"
-    run_python(["-m", "jocor_ddp.train", "data.name=clothing1m", "data.source=shards", f"data.shards={shards}",
-                "data.cache=device", "data.num_workers=0", "data.resize_size=36", "data.crop_size=32",
-                "noise.type=none", "noise.rate=0", "model.arch=mlp", "train.batch_size=50", "train.epochs=1",
-                "method.num_gradual=1", "method.forget_rate_fallback=0.3", "log.progress=never", f"run.dir={run}"])
+    run_python(train_args(None, run, "data.name=clothing1m", "data.source=shards", f"data.shards={shards}",
+                          "data.cache=device", "data.num_workers=0", "data.resize_size=36", "data.crop_size=32",
+                          "noise.type=none", "noise.rate=0", "model.arch=mlp", "train.batch_size=50",
+                          "train.epochs=1", "method.num_gradual=1", "method.forget_rate_fallback=0.3"))
     row = metric_rows(run)[0]
     assert "forget_rate_estimate" in row  # tau was estimated: auto, as the labels came noisy
     state = read_state(final_checkpoint(run))
