@@ -97,9 +97,9 @@ class AutoForgetRate:
     def state_dict(self) -> dict:
         return {"estimate": self.estimate, "final": self.final}
 
-    def load_state_dict(self, state: Optional[dict]) -> None:
-        if state:
-            self.estimate, self.final = state["estimate"], state["final"]
+    def load_state_dict(self, state: dict) -> None:
+        """``TrainingState.forget_rate``; one of a run that fixed tau holds no estimate: none yet."""
+        self.estimate, self.final = state.get("estimate"), state.get("final", False)
 
 
 def score_evidence(batches: Iterable, score: Callable) -> Iterable[dict]:
