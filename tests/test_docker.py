@@ -131,7 +131,7 @@ def test_train_stop_and_resume_in_containers(image, data, tmp_path, containers):
     proc = docker(*_run_args(third, "stopped", data, runs), timeout=600, check=False)
     logs = _logs(third)
     assert proc.returncode == 0, logs[-8000:]
-    assert f"resumed from /runs/stopped/checkpoints/step-{state['global_step']}.pt" in logs, logs[-8000:]
+    assert f"resumed from /runs/stopped/checkpoints/step-{state.global_step}.pt" in logs, logs[-8000:]
     assert metric_rows(stopped) == metric_rows(reference)
     a, b = _final_state(stopped), _final_state(reference)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
