@@ -181,7 +181,9 @@ class ModelConfig:
     arch: str = "mlp"
     # 3x3 stride-1 first convolution and no max-pool: the usual ResNet stem for 32x32 inputs.
     cifar_stem: bool = False
-    # Initial weights from a local file (state_dict); nothing is downloaded at run time.
+    # Initial weights: a local state_dict file, or a torchvision weight name of the ResNet
+    # (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT) read from torchvision's cache
+    # ($TORCH_HOME/hub/checkpoints); nothing is downloaded at run time.
     weights: Optional[str] = None
     # SyncBatchNorm across ranks (CUDA, several ranks): BatchNorm over the global batch.
     sync_bn: bool = False

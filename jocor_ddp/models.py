@@ -8,8 +8,10 @@ BatchNorm model before a backward would be a trap).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -84,6 +86,28 @@ def load_initial_weights(net: nn.Module, path: str) -> list[str]:
     return sorted(set(own) - set(usable))
 
 
+def torchvision_weights_file(arch: str, name: str) -> Path:
+    """The file of torchvision's weights ``name`` (IMAGENET1K_V1, DEFAULT, ...) for ``arch`` in
+    torchvision's own cache, where its weights API keeps them. Nothing is downloaded at run
+    time: a missing file is an error saying which file, which folder and where to get it."""
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except ValueError:
+        raise ConfigError(f"model.weights: {name!r}: torchvision has no weights for model.arch {arch!r}; "
+                          f"name a state_dict file") from None
+    names = [w.name for w in enum]
+    if name != "DEFAULT" and name not in names:
+        raise ConfigError(f"model.weights: {name!r} is neither a file nor a weight name of {arch} "
+                          f"({', '.join(names)}, DEFAULT)")
+    weights = enum.DEFAULT if name == "DEFAULT" else enum[name]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+    if not path.is_file():
+        raise ConfigError(f"model.weights: {arch} {weights.name} needs {path.name} in {path.parent} (torchvision's "
+                          f"cache, $TORCH_HOME/hub/checkpoints); nothing is downloaded at run time: put the file "
+                          f"from {weights.url} there")
+    return path
+
+
 def build_network(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     if cfg.arch == "mlp":
         net: nn.Module = MLP(in_channels * image_size * image_size, num_classes)
@@ -94,7 +118,9 @@ def build_network(cfg: ModelConfig, in_channels: int, num_classes: int, image_si
     else:
         net = _resnet(cfg.arch, in_channels, num_classes, cfg.cifar_stem)
     if cfg.weights:
-        load_initial_weights(net, cfg.weights)
+        # A weight name is an upper-case word (IMAGENET1K_V1); anything else is a path.
+        by_name = re.fullmatch(r"[A-Z][A-Z0-9_]*", cfg.weights) and not Path(cfg.weights).exists()
+        load_initial_weights(net, str(torchvision_weights_file(cfg.arch, cfg.weights)) if by_name else cfg.weights)
     return net
 
 

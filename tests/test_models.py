@@ -1,7 +1,11 @@
-"""The networks have the reference's shapes; initial weights load from a local file only."""
+"""The networks have the reference's shapes; initial weights load from a local file, or by
+torchvision's weight name from its cache, and nothing is ever downloaded."""
+
+import re
 
 import pytest
 import torch
+import torchvision
 
 from jocor_ddp.config import ConfigError, ModelConfig
 from jocor_ddp.models import CNN, MLP, build_network, build_pair
@@ -46,3 +50,39 @@ def test_pair_is_seeded_and_the_two_networks_differ():
     b = build_pair(ModelConfig(arch="mlp"), 1, 10, 28, seed=3)
     assert torch.equal(a.net1.fc1.weight, b.net1.fc1.weight)
     assert not torch.equal(a.net1.fc1.weight, a.net2.fc1.weight)
+
+
+# --- model.weights by torchvision's name, from its cache (nothing is downloaded) ------------------
+
+def _cached_imagenet_resnet18(torch_home):
+    """A state_dict in the place and under the name torchvision's weights API caches
+    ResNet18_Weights.IMAGENET1K_V1 (stands in for the real file: no network at test time)."""
+    folder = torch_home / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.manual_seed(7)
+    state = torchvision.models.resnet18(num_classes=1000).state_dict()
+    torch.save(state, folder / "resnet18-f37072fd.pth")
+    return state
+
+
+@pytest.mark.parametrize("name", ["IMAGENET1K_V1", "DEFAULT"])
+def test_weights_by_torchvision_name_come_from_its_cache(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    saved = _cached_imagenet_resnet18(tmp_path)
+    net = build_network(ModelConfig(arch="resnet18", weights=name), 3, 14, 224)
+    assert torch.equal(net.conv1.weight, saved["conv1.weight"])
+    assert torch.equal(net.layer4[1].bn2.running_var, saved["layer4.1.bn2.running_var"])
+    assert net.fc.weight.shape == (14, 512)  # the ImageNet classifier does not fit 14 classes: fresh
+
+
+def test_a_weight_name_missing_from_the_cache_says_which_file_and_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    folder = tmp_path / "hub" / "checkpoints"
+    with pytest.raises(ConfigError, match=rf"model.weights: resnet50 IMAGENET1K_V2 needs resnet50-11ad3fa6.pth in "
+                                          rf"{re.escape(str(folder))} \(torchvision's cache.*nothing is downloaded"):
+        build_network(ModelConfig(arch="resnet50", weights="IMAGENET1K_V2"), 3, 14, 224)
+    with pytest.raises(ConfigError, match=r"model.weights: 'IMAGENET9K' is neither a file nor a weight name of "
+                                          r"resnet18 \(IMAGENET1K_V1, DEFAULT\)"):
+        build_network(ModelConfig(arch="resnet18", weights="IMAGENET9K"), 3, 14, 224)
+    with pytest.raises(ConfigError, match=r"torchvision has no weights for model.arch 'mlp'"):
+        build_network(ModelConfig(arch="mlp", weights="DEFAULT"), 1, 10, 28)
