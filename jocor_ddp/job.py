@@ -14,6 +14,7 @@ from .config import Config, ConfigError, load_config
 from .data import DataError
 from .dist import DistContext, RemoteError, close_distributed, init_distributed
 from .preemption import Preempted
+from .registry import RegistryError
 from .runfolder import RunFolderError
 from .step import CaptureError, NonFiniteError
 
@@ -30,7 +31,7 @@ class CommandError(RuntimeError):
 
 # Errors every rank reaches on the same input: each rank says it, none waits for the others.
 EXPECTED = (CommandError, ConfigError, DataError, CheckpointError, RunFolderError, NonFiniteError, CaptureError,
-            RemoteError)
+            RemoteError, RegistryError)
 
 
 # What torch's messages say when a collective did not complete.

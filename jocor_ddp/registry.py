@@ -24,6 +24,10 @@ from typing import Callable
 ENTRY_POINT_GROUP = "jocor_ddp.methods"
 
 
+class RegistryError(RuntimeError):
+    """An installed plugin's entry point does not give a Method of its name."""
+
+
 @dataclass(frozen=True)
 class Method:
     name: str        # the value of method.name
@@ -54,9 +58,13 @@ def methods() -> dict[str, Method]:
     """Every method by name: the built-in ones, then those of installed plugins."""
     found = {m.name: m for m in BUILTIN}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        method = ep.load()
+        try:
+            method = ep.load()
+        except Exception as exc:  # a plugin that does not import: say which, not a traceback
+            raise RegistryError(f"entry point {ep.name} = {ep.value} (group {ENTRY_POINT_GROUP}): cannot be "
+                                f"loaded: {type(exc).__name__}: {exc}") from None
         if not isinstance(method, Method) or method.name != ep.name:
-            raise TypeError(f"entry point {ep.name} = {ep.value} (group {ENTRY_POINT_GROUP}): expected a "
+            raise RegistryError(f"entry point {ep.name} = {ep.value} (group {ENTRY_POINT_GROUP}): expected a "
                             f"jocor_ddp.registry.Method named {ep.name!r}")
         found.setdefault(method.name, method)
     return found

@@ -213,18 +213,22 @@ class Trainer:
         """Checkpoint the position "epoch ``epoch``, ``step_in_epoch`` steps done" (mid-epoch
         with the epoch's accounting so far). Every rank calls it (the counters and RNG states
         are gathered); rank 0 writes the file."""
+        # The parts that are collectives (the epoch's totals, every rank's RNG), on every rank.
         mid_epoch = step_in_epoch > 0
         step = self.step.state_dict(mid_epoch)
         data = self.data.train.bad.state_dict(self.ctx) if mid_epoch else None
         rngs = all_gather_objects(self.ctx, rng_state())
-        state = TrainingState(
-            epoch=epoch, step_in_epoch=step_in_epoch, global_step=self.global_step, config=self.cfg.to_dict(),
-            world_size=self.ctx.world_size, precision=self.precision, data_meta=self.data.meta,
-            model=self.pair.state_dict(), step=step, data=data, rng=rngs, history=self.history.state_dict(),
-            forget_rate={**self.forget.state_dict(), **(self.auto.state_dict() if self.auto else {})},
-            versions={"package": __version__, "torch": str(torch.__version__)})  # TorchVersion is no plain str
+
+        def write() -> Path:  # the rest on rank 0 alone (the history's copies to the host included)
+            state = TrainingState(
+                epoch=epoch, step_in_epoch=step_in_epoch, global_step=self.global_step, config=self.cfg.to_dict(),
+                world_size=self.ctx.world_size, precision=self.precision, data_meta=self.data.meta,
+                model=self.pair.state_dict(), step=step, data=data, rng=rngs, history=self.history.state_dict(),
+                forget_rate={**self.forget.state_dict(), **(self.auto.state_dict() if self.auto else {})},
+                versions={"package": __version__, "torch": str(torch.__version__)})  # TorchVersion: no plain str
+            return self._write_checkpoint(state)
         # Rank 0 writes; a failed write (disk full, no permission) is raised on every rank.
-        self.last_checkpoint = agree(self.ctx, lambda: self._write_checkpoint(state))
+        self.last_checkpoint = agree(self.ctx, write)
 
     def _write_checkpoint(self, state: TrainingState) -> Path:
         folder = checkpoint_dir(self.run_dir)

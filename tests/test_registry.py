@@ -6,7 +6,6 @@ the report's names) knows about it from that entry alone. A new way of feeding t
 loader that meets the protocol of data/types.py: one written here trains exactly as the memory
 source does."""
 
-import textwrap
 
 import pytest
 import torch
@@ -119,13 +118,13 @@ def test_a_bad_entry_point_is_refused_by_name(tmp_path, mnist):
     (root / "bad_method.py").write_text("METHOD = 42\n")
     (root / "bad_method-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: bad-method\nVersion: 0.1\n")
     (root / "bad_method-0.1.dist-info" / "entry_points.txt").write_text("[jocor_ddp.methods]\nbad = bad_method:METHOD\n")
-    proc = run_python(["-c", textwrap.dedent("""
-        from jocor_ddp.config import load_config
-        load_config(None, [])
-    """)], env=plugin_env(root), check=False)
-    assert proc.returncode != 0
-    assert "entry point bad = bad_method:METHOD (group jocor_ddp.methods): expected a jocor_ddp.registry.Method" \
-        in proc.stderr
+    proc = run_python(["-m", "jocor_ddp.train", "--print-config"], env=plugin_env(root), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: entry point bad = bad_method:METHOD (group jocor_ddp.methods): "
+                                  "expected a jocor_ddp.registry.Method"), proc.stderr
+    (root / "bad_method.py").write_text("import not_a_module\n")  # one that does not even import
+    proc = run_python(["-m", "jocor_ddp.train", "--print-config"], env=plugin_env(root), check=False)
+    assert proc.returncode == 2 and "cannot be loaded: ModuleNotFoundError" in proc.stderr, proc.stderr
 
 
 # --- docs/architecture.md's other recipe: a new way of feeding the step ------------------------
