@@ -84,22 +84,40 @@ def test_paper_config_holds_the_reference_values(key):
     assert f"JoCoR {JOCOR[key]}%" in header, "the header names the paper's figure to reproduce"
 
 
+def _says_where_values_come_from(text: str, keys) -> None:
+    for line in text.splitlines():
+        key = line.strip().partition(":")[0]
+        if key in keys:
+            assert "chosen default" in line or "DivideMix" in line, f"{key}: say where the value comes from"
+
+
 def test_clothing1m_config():
+    """The paper's ResNet-18 setup: from scratch, batch 64, clean val and test scored, tau auto."""
     path = REPO / "configs" / "clothing1m.yaml"
     cfg = load_config(str(path))
     assert (cfg.data.name, cfg.data.source, cfg.data.shards) == ("clothing1m", "shards", "/data/shards/clothing1m")
+    assert cfg.data.eval_splits == ["val", "test"]
     assert cfg.noise.type == "none"
-    # With no synthetic noise the forget rate cannot come from noise.rate: set, or auto.
-    tau = decide_forget_rate(cfg.method, cfg.noise, labels_noisy=True)
-    assert 0 < tau.tau < 1 and not tau.auto
-    assert cfg.model.arch == "resnet18" and cfg.model.weights and not cfg.model.cifar_stem
-    assert cfg.train.batch_size == 64
+    assert decide_forget_rate(cfg.method, cfg.noise, labels_noisy=True).auto
+    assert cfg.model.arch == "resnet18" and cfg.model.weights is None and not cfg.model.cifar_stem
+    assert cfg.train.batch_size == 64 and cfg.train.steps_per_epoch is None and cfg.train.max_per_class is None
     text = path.read_text()
-    assert "14 classes" in text and "70.30" in text and "69.79" in text
-    for line in text.splitlines():
-        key = line.strip().partition(":")[0]
-        if key in ("co_lambda", "forget_rate", "num_gradual", "epochs", "lr", "epoch_decay_start"):
-            assert "chosen default" in line, f"{key}: say where the value comes from"
+    assert "14 classes" in text and "70.30" in text and "69.79" in text and "clothing1m_tau.yaml" in text
+    _says_where_values_come_from(text, ("co_lambda", "num_gradual", "epochs", "lr", "epoch_decay_start"))
+
+
+def test_clothing1m_resnet50_config_follows_the_fields_protocol():
+    path = REPO / "configs" / "clothing1m_resnet50.yaml"
+    cfg = load_config(str(path))
+    assert cfg.data.eval_splits == ["val", "test"] and (cfg.data.resize_size, cfg.data.crop_size) == (256, 224)
+    assert (cfg.model.arch, cfg.model.weights) == ("resnet50", "IMAGENET1K_V1")
+    t = cfg.train
+    # DivideMix: 1,000 batches an epoch, at most N/14 of each class for N samples an epoch.
+    assert t.steps_per_epoch == 1000 and t.max_per_class * 14 >= t.steps_per_epoch * t.batch_size
+    assert (t.max_per_class - 1) * 14 < t.steps_per_epoch * t.batch_size
+    text = path.read_text()
+    assert "74.76" in text and "74.81" in text and "resnet50-0676ba61.pth" in text
+    _says_where_values_come_from(text, ("co_lambda", "num_gradual", "epochs", "lr", "epoch_decay_start"))
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.stem.startswith("fashion_mnist_")],

@@ -1,0 +1,126 @@
+"""docs/clothing1m.md, done: every command of the page, in the page's order, read from its bash
+blocks and run on a miniature generated release (2 ranks, a few steps, 32-pixel crops).
+
+The test changes only what makes the commands small, each change listed in ``small`` with its
+reason; the folders the page's variables name are the test's own. The single-node command
+trains the first epoch and the several-node command (two torchrun agents on this machine,
+one worker each) resumes and trains the second, so both are run for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, child_env, free_port, metric_rows
+from shard_fixtures import make_clothing1m
+
+pytestmark = pytest.mark.slow  # prepare, three torchrun runs, a three-run sweep: about a minute
+
+PAGE = REPO / "docs" / "clothing1m.md"
+TIMEOUT_S = 240
+
+# Train small: 32-pixel crops of 36-pixel images, batch 8, two steps an epoch, a one-epoch ramp.
+SMALL_TRAIN = ("data.resize_size=36 data.crop_size=32 data.num_workers=1 train.batch_size=8 train.steps_per_epoch=2 "
+               "method.num_gradual=1 log.progress=never")
+
+
+def page_commands() -> list[str]:
+    """The commands of the page's bash blocks, in order: continuation lines joined, comments
+    and blank lines dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", PAGE.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line:
+                commands.append(line)
+    return commands
+
+
+def small(command: str, tmp_path, ports: dict) -> str:
+    """The page's command with what makes it small; every change says why."""
+    subs = [
+        # The miniature's images are 24-48 px: shards at a short side of 40, not 256.
+        ("--resize 256", "--resize 40"),
+        # One node with 2 CPU workers, on a free port of this machine.
+        ("torchrun --nproc_per_node=8 -m",
+         f"torchrun --nproc_per_node=2 --master_addr=127.0.0.1 --master_port={ports['one']} -m"),
+        # Two "nodes" on this machine, one worker each, the rendezvous on a free port.
+        ("--nproc_per_node=8 --rdzv_backend", "--nproc_per_node=1 --rdzv_backend"),
+        (":29500", f":{ports['rdzv']}"),
+        # The sweep: the shipped file with its runs made small and kept in the test's folder.
+        ("configs/sweeps/clothing1m_tau.yaml", str(tmp_path / "clothing1m_tau.yaml")),
+        ("--gpus-per-run 8", "--gpus none --procs 1"),
+    ]
+    for old, new in subs:
+        command = command.replace(old, new)
+    if "jocor_ddp.train" in command:
+        # The single-node command trains epoch 1; the several-node one resumes and trains epoch 2.
+        epochs = 2 if "--nnodes" in command else 1
+        command += f" {SMALL_TRAIN} train.epochs={epochs}"
+    return command
+
+
+def small_sweep(tmp_path, shards) -> None:
+    """configs/sweeps/clothing1m_tau.yaml with its runs small (its base and axes kept)."""
+    import yaml
+    sweep = yaml.safe_load((REPO / "configs" / "sweeps" / "clothing1m_tau.yaml").read_text())
+    sweep["dir"] = str(tmp_path / "sweep")
+    overrides = dict(o.split("=", 1) for o in SMALL_TRAIN.split())
+    sweep["overrides"] = {**{k: yaml.safe_load(v) for k, v in overrides.items()}, "train.epochs": 2,
+                          "data.shards": str(shards)}
+    (tmp_path / "clothing1m_tau.yaml").write_text(yaml.safe_dump(sweep))
+
+
+def run(command: str, env: dict, nodes: int = 1) -> list[str]:
+    """Run one command in bash (the page's $(...) and $VARS), ``nodes`` copies at once; fail with
+    its output."""
+    procs = [subprocess.Popen(["bash", "-c", command], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for _ in range(nodes)]
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, f"{command}\nexited {p.returncode}:\n{out[-4000:]}"
+    return outputs
+
+
+def test_the_clothing1m_page_from_the_release_to_a_test_accuracy(tmp_path):
+    make_clothing1m(tmp_path / "release", n_train=48, n_val=10, n_test=12, n_clean_train=8)
+    folders = {"RELEASE": tmp_path / "release", "SHARDS": tmp_path / "shards", "RUN": tmp_path / "runs" / "c1m"}
+    env = child_env(HEAD="127.0.0.1", **{k: str(v) for k, v in folders.items()})
+    env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"  # python and torchrun of this venv
+    ports = {"one": free_port(), "rdzv": free_port()}
+    small_sweep(tmp_path, folders["SHARDS"])
+
+    commands = page_commands()
+    assignments = [c for c in commands if re.match(r"^[A-Z_]+=", c)]
+    assert sorted(a.split("=")[0] for a in assignments) == sorted(folders)  # the page names no other folder
+    out = {}
+    for command in (c for c in commands if c not in assignments):
+        nodes = 2 if "--nnodes=2" in command else 1
+        out[command] = run(small(command, tmp_path, ports), env, nodes)[0]
+    said = "\n".join(out.values())
+
+    # Both splits scored every epoch, named on the start-up and epoch lines and in metrics.jsonl.
+    assert re.search(r"\(48 train / 10 val / 12 test\)", said), said
+    rows = metric_rows(folders["RUN"])
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["steps"] == 2 for r in rows)
+    assert all(r["val_samples"] == 10 and r["test_samples"] == 12 for r in rows)
+    assert "resumed from" in said  # the several-node command continued the single-node run
+
+    # The report's headline: the test accuracy at the best validation epoch, by hand.
+    mean = lambda r, s: (r[f"{s}_acc1"] + r[f"{s}_acc2"]) / 2  # noqa: E731
+    best = max(rows, key=lambda r: mean(r, "val"))
+    report = json.loads((folders["RUN"] / "report" / "report.json").read_text())
+    summary = report["runs"][0] if "runs" in report else report[0]
+    assert summary["test_acc_at_best_val"] == pytest.approx(mean(best, "test"))
+    assert (folders["RUN"] / "clothing1m.pt").is_file() and (folders["RUN"] / "audit.csv").is_file()
+    assert "pick" in said.lower() and (tmp_path / "sweep").is_dir()
