@@ -28,7 +28,7 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def held_out(n: int, fraction: float) -> np.ndarray:
-    """Per sample of the training split: held out as the noisy validation split (data.val_fraction)."""
+    """Per sample of the training split: held out as the noisy validation split (data.noisy_val_fraction)."""
     out = np.zeros(n, dtype=bool)
     out[np.random.default_rng([VAL_SEED, n]).permutation(n)[:int(round(fraction * n))]] = True
     return out
