@@ -266,6 +266,13 @@ class TrainConfig:
     epochs: int = 200
     # The GLOBAL batch: each of W ranks takes batch_size / W samples of every step.
     batch_size: int = 128
+    # An epoch of this many global batches (null: one pass over the training split, the last
+    # partial batch dropped), drawn afresh each epoch, each sample at most once; the lr and
+    # forget-rate schedules still count epochs. The reference's MNIST loop stops at 401.
+    steps_per_epoch: Optional[int] = None
+    # A class-balanced epoch: at most this many samples of each class by the given labels,
+    # drawn afresh each epoch (null: every sample), as DivideMix's Clothing1M epochs.
+    max_per_class: Optional[int] = None
     # Adam's learning rate (both networks, one optimizer, as the reference).
     lr: float = 0.001
     # From this epoch the lr falls linearly towards 0 and Adam's beta1 drops to 0.1.
@@ -299,6 +306,9 @@ class TrainConfig:
     def __post_init__(self):
         _positive("train.epochs", self.epochs)
         _positive("train.batch_size", self.batch_size)
+        for key in ("steps_per_epoch", "max_per_class"):
+            if getattr(self, key) is not None:
+                _positive(f"train.{key}", getattr(self, key))
         _above("train.lr", self.lr, 0)
         _at_least("train.epoch_decay_start", self.epoch_decay_start, 0)
         _choice("train.device", self.device, DEVICES)

@@ -9,6 +9,7 @@ below return their input unchanged.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -105,6 +106,11 @@ def _make_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist
 
 def close_distributed() -> None:
     if dist.is_initialized():
+        # torch.compile leaves the DDP module in a reference cycle, still holding the process
+        # group: freed by a later collection, after the group is destroyed or while the
+        # interpreter shuts down, it let gloo abort the process now and then ("terminate called
+        # without an active exception", after a run had finished). Free it while the group lives.
+        gc.collect()
         dist.destroy_process_group()
 
 

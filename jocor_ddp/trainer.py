@@ -280,6 +280,13 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} was trained with global batch {saved_batch}, this run "
                                   f"asks for {self.cfg.train.batch_size}: set train.batch_size={saved_batch} "
                                   f"or start a new run.dir")
+        if state.step_in_epoch > 0:  # the epoch's draw must be the one the checkpoint stopped in
+            for key in ("steps_per_epoch", "max_per_class"):
+                saved, now = state.config["train"].get(key), getattr(self.cfg.train, key)
+                if saved != now:
+                    raise CheckpointError(f"checkpoint {path} stopped mid-epoch with train.{key}={saved}, this run "
+                                          f"asks for {now}: the epoch would not continue with the same samples; "
+                                          f"set train.{key}={saved} or resume from an epoch-end checkpoint")
         if state.world_size != self.ctx.world_size and state.step_in_epoch > 0 \
                 and not self.data.train.world_size_invariant:
             raise CheckpointError(
@@ -329,6 +336,12 @@ class Trainer:
             self.runlog.close()
         return rows
 
+    def _epoch_kind(self) -> str:
+        t = self.cfg.train
+        kinds = ([f"class-balanced, at most {t.max_per_class} a class"] if t.max_per_class else []) + \
+            (["fixed length"] if t.steps_per_epoch else [])
+        return f" ({', '.join(kinds)})" if kinds else ""
+
     def _announce(self) -> None:
         if not self.ctx.is_main:
             return
@@ -342,7 +355,7 @@ class Trainer:
         print(f"jocor_ddp: {self.cfg.data.name} ({n_s} / {scored}), "
               f"{self.cfg.model.arch} pair, noise {noise_s}, {self.ctx.world_size} rank(s) on "
               f"{self.ctx.device.type}, global batch {self.cfg.train.batch_size}, "
-              f"{self.data.train.steps_per_epoch} steps/epoch, selection {self.cfg.selection}, "
+              f"{self.data.train.steps_per_epoch} steps/epoch{self._epoch_kind()}, selection {self.cfg.selection}, "
               f"precision {self.precision}, step {self.step.describe()}", flush=True)
         if self.auto is not None:
             print(f"forget rate: auto ({self.forget.why}), estimated from the data at the end of epochs "

@@ -13,7 +13,7 @@ import torch
 from helpers import child_env, metric_rows, run_python, run_torchrun, train_args
 from jocor_ddp import registry
 from jocor_ddp.data import BadSamples, Batch, DataBundle
-from jocor_ddp.data.memory import epoch_permutation
+from jocor_ddp.data.epochs import epoch_permutation
 from jocor_ddp.data.sources import load_arrays
 from jocor_ddp.dist import DistContext
 from jocor_ddp.trainer import Trainer

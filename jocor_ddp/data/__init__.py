@@ -73,9 +73,9 @@ def _build_memory(cfg: Config, ctx: DistContext) -> DataBundle:
             rows_of(train.images, rows), rows_of(noisy, rows), rows_of(train.labels, rows),
             global_batch=cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
             device=ctx.device, geo=native_geometry(train.images, cfg.data.augment), sample_idx=rows,
-            index_range=len(noisy))
+            index_range=len(noisy), steps_per_epoch=cfg.train.steps_per_epoch, max_per_class=cfg.train.max_per_class)
     except ValueError as exc:
-        raise DataError(f"{cfg.data.name}: {exc}") from None
+        raise DataError(f"{cfg.data.name}: training split: {exc}") from None
     test_loader = MemoryEvalLoader(test.images, test.labels, rank=ctx.rank,
                                    world_size=ctx.world_size, device=ctx.device)
     _, h, _, c = train.images.shape

@@ -62,9 +62,10 @@ def cached_loaders(cfg: Config, ctx: DistContext, data: ShardData, pool: DecodeP
         train = MemoryTrainLoader(train_images, data.noisy[train_idx], data.clean[train_idx],
                                   global_batch=cfg.train.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                                   seed=cfg.train.seed, device=ctx.device, geo=data.geo, sample_idx=train_idx,
-                                  index_range=len(data.noisy), static_bad=bad if ctx.is_main else 0)
+                                  index_range=len(data.noisy), static_bad=bad if ctx.is_main else 0,
+                                  steps_per_epoch=cfg.train.steps_per_epoch, max_per_class=cfg.train.max_per_class)
     except ValueError as exc:
-        raise DataError(f"{data.manifest.root}: {exc}") from None
+        raise DataError(f"{data.manifest.root}: training split: {exc}") from None
     eval_batch = 1000 if data.geo.native else 128
 
     def scored(name, images, ok):  # an evaluation split's decoded samples

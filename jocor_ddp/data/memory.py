@@ -2,8 +2,8 @@
 
 Small datasets (MNIST, CIFAR) are fed the way airbench feeds CIFAR: no DataLoader in
 the hot loop, the batch is an index into a device tensor. The shard cache (``cache.py``)
-decodes shards once and feeds them through these same loaders. The order of an epoch is a
-global permutation drawn from (train.seed, epoch) alone, and rank r of W takes the r-th
+decodes shards once and feeds them through these same loaders. The order of an epoch is
+drawn from (train.seed, epoch) alone (``epochs.py``), and rank r of W takes the r-th
 slice of every global batch, so W ranks at batch B/W see exactly the samples that one
 process at batch B sees, in the same positions.
 """
@@ -15,16 +15,13 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from .epochs import EpochDraw
 from .place import Geometry, Placement, crop_params, native_geometry
 from .types import BadSamples, Batch, EvalBatch
 
 
 # The validation split's own seed: the same held-out samples whatever train.seed and world size.
 VAL_SEED = 1955
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def held_out(n: int, fraction: float) -> np.ndarray:
@@ -52,11 +49,11 @@ class MemoryTrainLoader:
     def __init__(self, images: np.ndarray, noisy: np.ndarray, clean: np.ndarray, *,
                  global_batch: int, rank: int, world_size: int, seed: int, device: torch.device,
                  geo: Optional[Geometry] = None, sample_idx: Optional[np.ndarray] = None,
-                 index_range: Optional[int] = None, static_bad: int = 0):
+                 index_range: Optional[int] = None, static_bad: int = 0, steps_per_epoch: Optional[int] = None,
+                 max_per_class: Optional[int] = None):
         n = int(noisy.shape[0])
-        if n < global_batch:
-            raise ValueError(f"the training split has {n} samples, fewer than one global batch "
-                             f"of {global_batch}; lower train.batch_size")
+        # Which rows an epoch trains on, in what order (ValueError: too few for the batch or the steps).
+        self.draw = EpochDraw(noisy, global_batch, seed, steps_per_epoch, max_per_class)
         self.geo = geo or native_geometry(images, False)
         self.placement = Placement(self.geo, device)
         # uint8 (4x smaller on the device than float), seen as NCHW, kept channels last: no copy
@@ -75,9 +72,9 @@ class MemoryTrainLoader:
         self.device = device
         # Counted once per epoch, on one rank: every rank left out the same samples.
         self.bad = BadSamples(static_bad)
-        # Training drops the last partial batch (as the reference does): every rank runs
+        # Whole global batches only (the reference drops the last partial one): every rank runs
         # the same number of steps, so no rank waits alone in a collective.
-        self.steps_per_epoch = n // global_batch
+        self.steps_per_epoch = self.draw.steps
         # Where this rank's samples sit in a global batch.
         self.offsets = torch.arange(rank * self.local_batch, (rank + 1) * self.local_batch, device=device)
 
@@ -85,7 +82,8 @@ class MemoryTrainLoader:
         """The epoch's order and crops as device tensors of fixed shapes: a captured step
         gathers from them, so a new epoch only overwrites them in place."""
         self.bad.start_epoch(start_step)
-        plan = {"order": torch.from_numpy(epoch_permutation(self.rows, self.seed, epoch)).to(self.device)}
+        # The same length every epoch (the draw's pool): a captured step's buffers keep their shapes.
+        plan = {"order": torch.from_numpy(self.draw.order(epoch)).to(self.device)}
         if self.geo.random:  # by sample index: the same crop from every source, for any world size
             plan["params"] = torch.from_numpy(crop_params(self.geo, self.seed, epoch, self.sample_idx_np)).to(self.device)
         return plan

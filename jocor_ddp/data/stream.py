@@ -35,7 +35,7 @@ import torch
 
 from ..dist import DistContext
 from .decode import decode_on_device
-from .memory import epoch_permutation
+from .epochs import EpochDraw
 from .place import Geometry, Placement
 from .shards import SplitIndex
 from .shardset import Loaders, ShardData
@@ -206,7 +206,8 @@ class StreamTrainLoader(_SplitStream):
 
     def __init__(self, pool: DecodePool, split: SplitIndex, usable: np.ndarray, noisy: np.ndarray,
                  clean: np.ndarray, *, global_batch: int, ctx: DistContext, seed: int, geo: Geometry,
-                 gpu_decode: bool, skip_bad: bool, static_bad: int):
+                 gpu_decode: bool, skip_bad: bool, static_bad: int, steps_per_epoch: Optional[int] = None,
+                 max_per_class: Optional[int] = None):
         super().__init__(pool, split, geo, ctx.device, ctx.rank, gpu_decode, skip_bad)
         self.ctx = ctx
         self.usable = usable  # the sample indices trained on, ascending
@@ -214,14 +215,15 @@ class StreamTrainLoader(_SplitStream):
         self.clean = torch.from_numpy(clean).to(ctx.device)
         self.global_batch, self.local_batch = global_batch, global_batch // ctx.world_size
         self.offset = ctx.rank * self.local_batch
-        self.seed = seed
-        self.steps_per_epoch = len(usable) // global_batch
+        # The memory source's draw over the same samples: the same batches (ValueError: too few).
+        self.draw = EpochDraw(noisy[usable], global_batch, seed, steps_per_epoch, max_per_class)
+        self.steps_per_epoch = self.draw.steps
         self.index_range = len(noisy)  # the range of Batch.idx
         self.bad = BadSamples(static_bad)
         self.error: Optional[str] = None  # the first bad input this rank met, until a sync point raises it
 
     def jobs(self, epoch: int, start_step: int) -> Iterator[Job]:
-        order = self.usable[epoch_permutation(len(self.usable), self.seed, epoch)]
+        order = self.usable[self.draw.order(epoch)]
         for step in range(start_step, self.steps_per_epoch):
             lo = step * self.global_batch + self.offset
             yield Job("train", self.split.pos_of_idx[order[lo:lo + self.local_batch]], epoch, fill=True,
@@ -337,12 +339,14 @@ class StreamEvalLoader(_SplitStream):
 
 def stream_loaders(cfg, ctx: DistContext, data: ShardData, pool: DecodePool) -> Loaders:
     usable = np.flatnonzero(data.train_keep)
-    if len(usable) < cfg.train.batch_size:
-        raise DataError(f"{data.manifest.root}: the training split has {len(usable)} usable samples, fewer than "
-                        f"one global batch of {cfg.train.batch_size}; lower train.batch_size")
     common = dict(ctx=ctx, geo=data.geo, gpu_decode=cfg.data.gpu_decode, skip_bad=cfg.data.on_bad_sample == "skip")
-    train = StreamTrainLoader(pool, data.train, usable, data.noisy, data.clean, global_batch=cfg.train.batch_size,
-                              seed=cfg.train.seed, static_bad=data.train_bad if ctx.is_main else 0, **common)
+    try:
+        train = StreamTrainLoader(pool, data.train, usable, data.noisy, data.clean, global_batch=cfg.train.batch_size,
+                                  seed=cfg.train.seed, static_bad=data.train_bad if ctx.is_main else 0,
+                                  steps_per_epoch=cfg.train.steps_per_epoch, max_per_class=cfg.train.max_per_class,
+                                  **common)
+    except ValueError as exc:
+        raise DataError(f"{data.manifest.root}: training split: {exc}") from None
     local = train.local_batch
     evals = {name: StreamEvalLoader(pool, name, s.index, np.flatnonzero(s.keep), s.labels, batch=local, **common)
              for name, s in data.evals.items()}
