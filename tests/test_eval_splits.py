@@ -9,6 +9,7 @@ data.val_fraction=0.25`) still read, in today's names, in report and in a resume
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import shutil
@@ -30,6 +31,7 @@ from jocor_ddp.trainer import Trainer
 
 OLD = Path(__file__).resolve().parent / "data" / "runs-725b923"
 N_TRAIN, N_VAL, N_TEST, EPOCHS = 32, 6, 8, 2
+TENSORBOARD = importlib.util.find_spec("tensorboard") is not None  # the extra: pip install -e .[tensorboard]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,8 @@ def splits_run(tmp_path_factory):
         None, tmp / "run", "data.name=clothing1m", "data.source=shards", f"data.shards={shards}", "data.cache=device",
         "data.num_workers=0", "data.resize_size=36", "data.crop_size=32", "data.eval_splits=[val, test]",
         "data.noisy_val_fraction=0.25", "noise.type=none", "noise.rate=0", "method.forget_rate=0.2",
-        "method.num_gradual=1", "model.arch=mlp", "train.batch_size=8", f"train.epochs={EPOCHS}", entry=()))
+        "method.num_gradual=1", "model.arch=mlp", "train.batch_size=8", f"train.epochs={EPOCHS}",
+        f"log.tensorboard={str(TENSORBOARD).lower()}", entry=()))
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         Trainer(cfg, DistContext()).fit()
@@ -62,6 +65,18 @@ def test_every_split_is_scored_and_named_every_epoch(splits_run):
         assert (f"  val acc {row['val_acc1']:.2f}% / {row['val_acc2']:.2f}%  test acc {row['test_acc1']:.2f}% / "
                 f"{row['test_acc2']:.2f}%  noisy val acc {row['noisy_val_acc1']:.2f}% / "
                 f"{row['noisy_val_acc2']:.2f}%  ") in line
+
+
+@pytest.mark.skipif(not TENSORBOARD, reason="the tensorboard extra is not installed")
+def test_each_split_is_its_own_tensorboard_tag(splits_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run, _ = splits_run
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    rows = read_metrics(run / METRICS).rows
+    for key in ("val_acc1", "test_acc2", "noisy_val_acc1"):
+        assert [(e.step, round(e.value, 4)) for e in events.Scalars(key)] == \
+            [(r["epoch"], round(r[key], 4)) for r in rows], key
 
 
 def test_evaluate_scores_each_split_as_the_trainer_did(splits_run, tmp_path):
