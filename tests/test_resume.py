@@ -51,7 +51,7 @@ def run_a(data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run_a")
     run_torchrun(2, _args(data, run_dir))
     rows = metric_rows(run_dir)
-    assert len(rows) == EPOCHS and all(r["val_samples"] == 32 for r in rows)
+    assert len(rows) == EPOCHS and all(r["noisy_val_samples"] == 32 for r in rows)
     assert [("forget_rate_estimate" in r) for r in rows] == [True, True, False]  # num_gradual=2
     return run_dir
 
