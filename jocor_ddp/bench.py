@@ -119,13 +119,13 @@ def _time_stream(shards: str, dataset: str, ctx: DistContext, *, workers: int, g
 
 def _time_device_cache(shards: str, dataset: str, ctx: DistContext, data, *, workers: int,
                        batch_size: int) -> dict:
-    """The one-time decode of the device cache, timed as a whole (verification and both
-    splits), as a run with ``data.cache=device`` starts."""
+    """The one-time decode of the device cache, timed as a whole (verification and every
+    split), as a run with ``data.cache=device`` starts."""
     cfg = _data_config(shards, dataset, cache="device", workers=workers, batch_size=batch_size, dev=ctx.device)
     start = time.perf_counter()
     build_data(cfg, ctx)
     seconds = time.perf_counter() - start
-    n = int(data.train_keep.sum()) + int(data.test_keep.sum())
+    n = int(data.train_keep.sum()) + sum(int(s.keep.sum()) for s in data.evals.values())
     return {"decode": "cpu, once into the device cache", "workers": workers, "samples_per_s": round(n / seconds, 1),
             "samples_per_s_per_worker": round(n / seconds / max(workers, 1), 1), "samples": n,
             "seconds": round(seconds, 3)}
@@ -137,7 +137,7 @@ def bench_data(shards: str, *, workers: list[int], batch_size: int, steps: int, 
     dev = pick_device(device)
     ctx = DistContext(device=dev)
     start = time.perf_counter()
-    # sha256 of every train and test shard, as each rank does before training
+    # sha256 of every shard of the train and evaluation splits, as each rank does before training
     data = open_shards(_data_config(shards, manifest.dataset, cache="stream", workers=0, batch_size=batch_size,
                                     dev=dev), ctx)
     verify_s = time.perf_counter() - start
@@ -195,8 +195,9 @@ def _synthetic_bundle(cfg, ctx, steps: int) -> DataBundle:
     loader = MemoryTrainLoader(images, labels, labels, global_batch=cfg.train.batch_size, rank=ctx.rank,
                                world_size=ctx.world_size, seed=cfg.train.seed, device=ctx.device)
     return DataBundle(name=cfg.data.name, classes=[str(i) for i in range(classes)], in_channels=channels,
-                      image_size=side, train=loader, test=MemoryEvalLoader(images[:0], labels[:0], rank=ctx.rank,
-                                                                           world_size=ctx.world_size, device=ctx.device))
+                      image_size=side, train=loader,
+                      evals={"test": MemoryEvalLoader(images[:0], labels[:0], rank=ctx.rank, world_size=ctx.world_size,
+                                                      device=ctx.device)})
 
 
 def _header(cfg, trainer, ctx) -> dict:

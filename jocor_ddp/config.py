@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .registry import get_method, method_names
+from .runfolder import NOISY_VAL
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,30 @@ def _positive(key: str, value: int) -> None:
         raise ConfigError(f"{key}: must be a positive number, got {value!r}")
 
 
+# "train" is trained on; the held-out share of its labels (data.noisy_val_fraction) is scored
+# as NOISY_VAL. Neither can be an evaluation split of the shards.
+NOT_EVAL_SPLITS = ("train", NOISY_VAL)
+
+
+def _eval_splits(key: str, splits: list[str], source: str) -> None:
+    if not splits:
+        raise ConfigError(f"{key}: must name at least test")
+    for name in splits:
+        if not name or "/" in name:
+            raise ConfigError(f"{key}: {name!r} is not a split name (test, val, ...)")
+        if name in NOT_EVAL_SPLITS:
+            why = ("is trained on" if name == "train" else
+                   "names the held-out share of the training labels (data.noisy_val_fraction)")
+            raise ConfigError(f"{key}: {name!r} {why}, not an evaluation split")
+        if splits.count(name) > 1:
+            raise ConfigError(f"{key}: {name!r} is named twice")
+    listed = f"[{', '.join(splits)}]"
+    if "test" not in splits:
+        raise ConfigError(f"{key}: {listed} must include test, the split every report judges")
+    if source == "memory" and splits != ["test"]:
+        raise ConfigError(f"{key}: the memory source has only test; use data.source: shards for {listed}")
+
+
 @dataclass
 class RunConfig:
     # The run folder: config.yaml, noise.json, metrics.jsonl and checkpoints/.
@@ -90,7 +115,7 @@ class DataConfig:
     shards: Optional[str] = None
     # Use only the first N training samples (small demos and tests); null = all.
     train_subset: Optional[int] = None
-    # Use only the first N test samples; null = all.
+    # Use only the first N samples of each evaluation split (data.eval_splits); null = all.
     test_subset: Optional[int] = None
     # Random crop (pad 4) and horizontal flip on the device; the reference uses none.
     # (Clothing1M and ImageFolder always take random crops: resize_size, then crop_size.)
@@ -110,8 +135,11 @@ class DataConfig:
     # Stream JPEG shards decoded on the GPU (one batched torchvision.io.decode_jpeg per batch,
     # off the training stream); the workers then only read and check the bytes.
     gpu_decode: bool = False
-    # The split scored after every epoch (Clothing1M also has 'val').
-    eval_split: str = "test"
+    # The splits scored after every epoch, in this order, each logged under its own name
+    # (SPLIT_acc1, SPLIT_acc2, SPLIT_samples). Must include test, the split every report
+    # judges; Clothing1M's shards also have val, clean labels: [val, test]. The memory
+    # source has only test.
+    eval_splits: list[str] = field(default_factory=lambda: ["test"])
     # sha256: hash every shard on every rank before training; size: check sizes only.
     verify: str = "sha256"
     # Datasets of variable image size (Clothing1M, ImageFolder): shorter side resized
@@ -120,9 +148,9 @@ class DataConfig:
     # The side of that square: what the model sees.
     crop_size: int = 224
     # A share of the training split held out, with its noisy labels, and scored each epoch
-    # (val_acc): a validation signal without clean labels. The same samples for any seed of
-    # training and any world size; 0: none (the paper's protocol).
-    val_fraction: float = 0.0
+    # (noisy_val_acc1, noisy_val_acc2): a validation signal without clean labels. The same
+    # samples for any seed of training and any world size; 0: none (the paper's protocol).
+    noisy_val_fraction: float = 0.0
 
     def __post_init__(self):
         _choice("data.name", self.name, DATASETS)
@@ -137,17 +165,20 @@ class DataConfig:
         _above("data.cache_budget_gb", self.cache_budget_gb, 0)
         _at_least("data.num_workers", self.num_workers, 0)
         _choice("data.on_bad_sample", self.on_bad_sample, BAD_SAMPLE)
-        if not self.eval_split or "/" in self.eval_split:
-            raise ConfigError(f"data.eval_split: {self.eval_split!r} is not a split name (test, val, ...)")
-        if self.source == "memory" and self.eval_split != "test":
-            raise ConfigError("data.eval_split: the memory source has only 'test'; use data.source: shards")
+        _eval_splits("data.eval_splits", self.eval_splits, self.source)
         _choice("data.verify", self.verify, VERIFY)
         _positive("data.resize_size", self.resize_size)
         _positive("data.crop_size", self.crop_size)
-        _range("data.val_fraction", self.val_fraction, 0.0, 0.5, hi_open=False)
+        _range("data.noisy_val_fraction", self.noisy_val_fraction, 0.0, 0.5, hi_open=False)
         if self.crop_size > self.resize_size:
             raise ConfigError(f"data.crop_size: {self.crop_size} is larger than data.resize_size "
                               f"{self.resize_size}")
+
+    def validation_splits(self) -> list[str]:
+        """The validation splits a run with this config scores, the preferred first: the clean
+        val split, then the noisy held-out one (docs/tools.md, Choosing by validation)."""
+        return [s for s, scored in (("val", "val" in self.eval_splits), (NOISY_VAL, self.noisy_val_fraction > 0))
+                if scored]
 
 
 @dataclass
@@ -374,6 +405,10 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
         return _convert(key, value, args[-1])
     if value is None:
         raise ConfigError(f"{key}: must not be null")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, e.g. [a, b], got {value!r}")
+        return [_convert(f"{key}[{i}]", v, typing.get_args(hint)[0]) for i, v in enumerate(value)]
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -454,16 +489,44 @@ def read_yaml_mapping(path: str | Path, what: str = "config file", *, empty_ok: 
     return loaded or {}
 
 
+# --- configs written with the names of earlier versions ----------------------------------
+
+RENAMED = {"eval_split": "eval_splits", "val_fraction": "noisy_val_fraction"}  # data.*: old -> new
+
+
+def upgrade_config(tree: dict) -> dict:
+    """A config dict in today's names, from one that may use earlier ones: a checkpoint's or a
+    run folder's config.yaml written before the renames, or a YAML file or override written
+    for them. ``data.eval_split: X`` (then the only split scored) becomes ``data.eval_splits:
+    [X, test]`` (test is always scored now); ``data.val_fraction`` becomes
+    ``data.noisy_val_fraction``, the same samples. An old name beside its new one is an error.
+    The one place old names are read: load_config and config_from_dict call it; ``tree`` is
+    not changed. (A run folder's metrics.jsonl rows are renamed by runfolder.read_metrics.)"""
+    data = tree.get("data") if isinstance(tree, dict) else None
+    if not isinstance(data, dict) or not RENAMED.keys() & data.keys():
+        return tree
+    data = dict(data)
+    for old, new in RENAMED.items():
+        if old in data and new in data:
+            raise ConfigError(f"data.{old}: the earlier name of data.{new}; give only data.{new}")
+    if "eval_split" in data:
+        split = data.pop("eval_split")
+        data["eval_splits"] = [split] if split == "test" else [split, "test"]
+    if "val_fraction" in data:
+        data["noisy_val_fraction"] = data.pop("val_fraction")
+    return {**tree, "data": data}
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     tree: dict = read_yaml_mapping(path) if path is not None else {}
     for text in overrides or []:
         keys, value = parse_override(text)
         _set(tree, keys, value)
-    return _build(Config, tree)
+    return _build(Config, upgrade_config(tree))
 
 
 def config_from_dict(data: dict) -> Config:
-    return _build(Config, data)
+    return _build(Config, upgrade_config(data))
 
 
 def dump_config(cfg: Config) -> str:

@@ -7,9 +7,11 @@ it loads with ``torch.load(weights_only=True)``; ``load_exported`` rebuilds the 
 No optimizer, RNG or config: an exported file cannot resume training.
 
 ``--net best`` judges the two networks by the run's metrics row of the checkpoint's epoch:
-by val accuracy (the held-out split's noisy labels, data.val_fraction > 0) where the run has
-one, else by test accuracy. Val is preferred because choosing by the test set makes the test
-figure an optimistic one, and because a user without clean labels has only val.
+by validation accuracy where the run has a validation split, else by test accuracy. The
+validation split is the clean val split where the run scores one (data.eval_splits), else the
+noisy held-out one (noisy_val, data.noisy_val_fraction > 0): clean labels measure what is
+wanted, noisy ones a biased stand-in. Validation is preferred to test because choosing by the
+test set makes the test figure an optimistic one.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .config import ModelConfig
 from .models import build_network
 from .job import CommandError, guarded
 from .restore import Restored, restore
-from .runfolder import METRICS, has_val, read_metrics, run_dir_of
+from .runfolder import METRICS, acc_keys, read_metrics, run_dir_of, validation_split
 from .state import TrainingState
 
 FORMAT = "jocor_ddp.export/1"
@@ -45,9 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="which network: 1, 2, or best = the one with the higher accuracy (see --by) in the "
                         "run's metrics.jsonl row for this checkpoint (net 1 without metrics; default)")
     p.add_argument("--by", choices=BY, default=None,
-                   help="with --net best, the figure that judges: val = val_acc, the accuracy on the "
-                        "held-out split's noisy labels (runs trained with data.val_fraction > 0); test = "
-                        "test_acc (clean labels); auto = val where the run has it, else test (default)")
+                   help="with --net best, the figure that judges: val = the validation split's accuracy, "
+                        "val_acc (clean val labels, data.eval_splits with val) where the run scores it, else "
+                        "noisy_val_acc (the held-out noisy labels, data.noisy_val_fraction > 0); test = "
+                        "test_acc; auto = val where the run has a validation split, else test (default)")
     p.add_argument("--root", metavar="DIR",
                    help="the raw dataset folder, only read when the checkpoint records no data_meta "
                         "(older checkpoints): overrides the config's data.root")
@@ -61,15 +64,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def unjudged(by: str, reason: str) -> tuple[int, str]:
     """Net 1 when the metrics cannot judge, unless val was asked for: then that is an error."""
     if by == "val":
-        raise CommandError(f"--by val: {reason}, so no val_acc to judge the networks by")
+        raise CommandError(f"--by val: {reason}, so no validation accuracy to judge the networks by")
     return 1, reason
 
 
 def choose_net(checkpoint: Path, state: TrainingState, by: str = "auto") -> tuple[int, str]:
     """(1 or 2, why): the network with the higher accuracy in the metrics row of the
-    checkpoint's epoch in RUN/metrics.jsonl, by val_acc or test_acc (``by``: val, test, or
-    auto = val where the row has it); net 1 on a tie or without such a row (a row of another
-    epoch would judge other weights), except that ``by="val"`` then fails: it was asked for."""
+    checkpoint's epoch in RUN/metrics.jsonl, by the validation split's accuracy (val_acc, else
+    noisy_val_acc) or test_acc (``by``: val, test, or auto = val where the row has one); net 1
+    on a tie or without such a row (a row of another epoch would judge other weights), except
+    that ``by="val"`` then fails: it was asked for."""
     run = run_dir_of(checkpoint)
     metrics = run / METRICS if run is not None else None
     if metrics is None or not metrics.is_file():
@@ -78,11 +82,14 @@ def choose_net(checkpoint: Path, state: TrainingState, by: str = "auto") -> tupl
     row = by_epoch.get(state.epoch)
     if row is None:
         return unjudged(by, f"no row of epoch {state.epoch} in {metrics}")
-    if by == "val" and not has_val([row]):
-        raise CommandError(f"--by val: {metrics}, epoch {row['epoch']}: no val_acc1 / val_acc2: the run has no "
-                           "validation split (train with data.val_fraction > 0, or use --by test)")
-    figure = "val" if by == "val" or (by == "auto" and has_val([row])) else "test"
-    acc1, acc2 = row[f"{figure}_acc1"], row[f"{figure}_acc2"]
+    split = validation_split([row])
+    if by == "val" and split is None:
+        raise CommandError(f"--by val: {metrics}, epoch {row['epoch']}: no val_acc1 / val_acc2 and no "
+                           "noisy_val_acc1 / noisy_val_acc2: the run has no validation split (score one with "
+                           "data.eval_splits: [val, test], or hold one out with data.noisy_val_fraction > 0; "
+                           "or use --by test)")
+    figure = split if by == "val" or (by == "auto" and split) else "test"
+    acc1, acc2 = (row[k] for k in acc_keys(figure))
     net = 2 if acc2 > acc1 else 1
     return net, (f"best by {figure}_acc at epoch {row['epoch']} of {metrics}: "
                  f"{max(acc1, acc2):.2f}% vs {min(acc1, acc2):.2f}%")

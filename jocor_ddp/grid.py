@@ -50,6 +50,8 @@ def yaml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, list):  # data.eval_splits: [val, test]; JSON is YAML, read back as the list
+        return json.dumps(value)
     text = str(value)
     return text if yaml.safe_load(text) == text and "\n" not in text else json.dumps(text)
 

@@ -43,6 +43,8 @@ def _type_name(hint: Any) -> str:
         args = typing.get_args(hint)
         names = [_type_name(a) for a in args if a is not type(None)]
         return " or ".join(names) + (" or null" if type(None) in args else "")
+    if typing.get_origin(hint) is list:
+        return f"list of {_type_name(typing.get_args(hint)[0])}s"
     return {bool: "bool", int: "int", float: "float", str: "string"}.get(hint, str(hint))
 
 
@@ -51,6 +53,8 @@ def _yaml(value: Any) -> str:
         return "`null`"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
+    if isinstance(value, list):
+        return f"`[{', '.join(map(str, value))}]`"
     return f"`{value}`"
 
 

@@ -6,11 +6,12 @@ paper's style:
   - DIR/report.md (also printed): one row per run with its method, noise, the mean test
     accuracy of both networks over the last min(10, E) epochs (the paper's headline
     number: the mean over those epochs of (test_acc1 + test_acc2) / 2), the best
-    accuracy (the better network's, at its best epoch) and the final label precision; for
-    runs with a validation split (data.val_fraction > 0) also the last-10 mean val accuracy
-    (on the held-out noisy labels) and the test accuracy at the epoch of the best val
-    accuracy (what early stopping on it would give), and below the table how well val
-    accuracy ranks the runs against test accuracy (Kendall's tau);
+    accuracy (the better network's, at its best epoch), the test accuracy at the best
+    validation epoch (the mean of both networks at the epoch of the highest mean validation
+    accuracy: the field's Clothing1M protocol, what early stopping on it gives) with the
+    split that judged (the clean val split where the run scores one, else the noisy held-out
+    split) and that split's last-10 mean, and the final label precision; below the table, how
+    well validation accuracy ranks the runs against test accuracy (Kendall's tau);
     DIR/report.json holds the same numbers unrounded;
   - DIR/test_accuracy.png and DIR/label_precision.png: one line per run against the
     epoch, the legend naming method and noise.
@@ -20,8 +21,9 @@ DIR/table.csv; DIR defaults to the sweep's folder + /report), and per setting th
 accuracy and label precision against the epoch, a line per method (the mean over the
 finished seeds, a band of ± one std).
 With ``--sweep`` and ``--pick AXIS`` instead: per combination of the other axes (seeds
-averaged), the AXIS value with the best val accuracy beside the one the test accuracy would
-pick (DIR/pick.md, also printed, and DIR/pick.csv): hyperparameter selection without clean labels.
+averaged), the AXIS value with the best validation accuracy (clean val where every run scores
+it, else noisy val) beside the one the test accuracy would pick (DIR/pick.md, also printed, and
+DIR/pick.csv): hyperparameter selection without touching the test split.
 The table is written first; the plots need matplotlib (``pip install -e .[report]``).
 """
 
@@ -39,8 +41,8 @@ import yaml
 from .grid import Run, Sweep, load_sweep
 from .job import CommandError, guarded
 from .registry import display_name
-from .runfolder import CONFIG, METRICS, read_metrics, write_json
-from .tables import (LAST_EPOCHS, NO_VAL, Table, best_acc, best_val_row, build_pick, build_table, kendall_tau,
+from .runfolder import CONFIG, METRICS, read_metrics, split_words, write_json
+from .tables import (LAST_EPOCHS, Table, best_acc, best_val_row, build_pick, build_table, kendall_tau,
                      last_epochs_mean, last_epochs_val_mean, mean_acc, pct)
 
 
@@ -53,10 +55,11 @@ class RunSummary:
     epochs: int
     last10_acc: float            # percent
     best_acc: float              # percent
-    final_label_precision: Optional[float]  # percent, None when the run has no clean labels
-    last10_val_acc: Optional[float]         # percent, on noisy held-out labels; None without data.val_fraction
-    test_acc_at_best_val: Optional[float]   # percent, mean of both nets at the best val epoch
+    test_acc_at_best_val: Optional[float]   # percent, mean of both nets at the best validation epoch
+    val_split: Optional[str]                # the split that judged: val (clean), noisy_val; None without one
     best_val_epoch: Optional[int]
+    last10_val_acc: Optional[float]         # percent, that split's last-10 mean
+    final_label_precision: Optional[float]  # percent, None when the run has no clean labels
     rows: list = field(repr=False, default_factory=list)
 
     @property
@@ -94,14 +97,14 @@ def summarize(run: Path, name: str) -> RunSummary:
     rows = read_metrics(run / METRICS).checked()
     cfg = read_config(run)
     precision = rows[-1].get("label_precision")
-    best_val = best_val_row(rows)
+    best_val, split = best_val_row(rows)
     return RunSummary(name=name, method=str((cfg.get("method") or {}).get("name", "?")),
                       noise=describe_noise(cfg) if cfg else "?", epochs=len(rows),
                       last10_acc=last_epochs_mean(rows), best_acc=best_acc(rows),
-                      final_label_precision=100 * precision if precision is not None else None,
-                      last10_val_acc=last_epochs_val_mean(rows),
-                      test_acc_at_best_val=None if best_val is None else mean_acc(best_val),
-                      best_val_epoch=None if best_val is None else int(best_val["epoch"]), rows=rows)
+                      test_acc_at_best_val=None if best_val is None else mean_acc(best_val), val_split=split,
+                      best_val_epoch=None if best_val is None else int(best_val["epoch"]),
+                      last10_val_acc=last_epochs_val_mean(rows, split),
+                      final_label_precision=100 * precision if precision is not None else None, rows=rows)
 
 
 def run_names(runs: list[Path]) -> list[str]:
@@ -112,19 +115,22 @@ def run_names(runs: list[Path]) -> list[str]:
 
 def markdown_table(summaries: list[RunSummary]) -> str:
     lines = ["| run | method | noise | epochs | test acc, last-10 mean (%) | best test acc (%) "
-             "| final label precision (%) | val acc, last-10 mean (%) | test acc at best val epoch (%) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| test acc at best val epoch (%) | val split | val acc, last-10 mean (%) | final label precision (%) |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for s in summaries:
         lines.append(f"| {s.name} | {s.method} | {s.noise} | {s.epochs} | {pct(s.last10_acc)} | "
-                     f"{pct(s.best_acc)} | {pct(s.final_label_precision, 'n/a')} | {pct(s.last10_val_acc)} | "
-                     f"{pct(s.test_acc_at_best_val)} |")
+                     f"{pct(s.best_acc)} | {pct(s.test_acc_at_best_val, 'n/a')} | "
+                     f"{split_words(s.val_split) if s.val_split else 'n/a'} | {pct(s.last10_val_acc, 'n/a')} | "
+                     f"{pct(s.final_label_precision, 'n/a')} |")
     lines += ["", f"Test acc, last-10 mean: the mean over the last min({LAST_EPOCHS}, epochs) epochs of "
-                  "(test_acc1 + test_acc2) / 2. Best: the better network at its best epoch. Label "
-                  "precision: the share of the samples kept for the update whose label is clean, in the "
-                  "last epoch (n/a without clean labels). Val acc: the same last-10 mean of (val_acc1 + "
-                  "val_acc2) / 2, the accuracy on the held-out split's noisy labels (data.val_fraction; "
-                  f"{NO_VAL} without one); test acc at best val epoch: (test_acc1 + test_acc2) / 2 at the "
-                  "epoch of the highest such val mean, what early stopping on it would give."]
+                  "(test_acc1 + test_acc2) / 2. Best: the better network at its best epoch. Test acc at best "
+                  "val epoch: (test_acc1 + test_acc2) / 2 at the epoch whose mean validation accuracy is the "
+                  "highest (the first of equals), what early stopping on it gives; val split: the split that "
+                  "judged, val (clean labels, data.eval_splits) where the run scores it, else noisy val (the "
+                  "held-out share of the noisy training labels, data.noisy_val_fraction); n/a without either. "
+                  "Val acc: that split's last-10 mean of (acc1 + acc2) / 2. Label precision: the share of the "
+                  "samples kept for the update whose label is clean, in the last epoch (n/a without clean "
+                  "labels)."]
     ranking = val_ranking(summaries)
     if ranking:
         lines += ["", ranking]
@@ -132,28 +138,29 @@ def markdown_table(summaries: list[RunSummary]) -> str:
 
 
 def val_ranking(summaries: list[RunSummary]) -> Optional[str]:
-    """How well val accuracy (no clean labels needed) ranks the runs against the clean test
-    accuracy, per noise setting (noisy labels of different settings put val accuracy on
-    different scales, so runs are only compared within one); None where no setting has two
-    runs with a validation split."""
-    groups: dict[str, list[RunSummary]] = {}
+    """How well validation accuracy ranks the runs against the test accuracy, per noise setting
+    and kind of validation split (noisy labels of different settings put noisy val accuracy on
+    different scales, and clean val is another scale again, so runs are only compared within
+    one); None where no group has two runs."""
+    groups: dict[tuple[str, str], list[RunSummary]] = {}
     for s in summaries:
-        if s.last10_val_acc is not None:
-            groups.setdefault(s.noise, []).append(s)
-    lines = [_val_ranking(noise, runs) for noise, runs in groups.items() if len(runs) >= 2]
+        if s.val_split is not None:
+            groups.setdefault((s.noise, s.val_split), []).append(s)
+    lines = [_val_ranking(noise, split, runs) for (noise, split), runs in groups.items() if len(runs) >= 2]
     return "\n\n".join(lines) if lines else None
 
 
-def _val_ranking(noise: str, runs: list[RunSummary]) -> str:
+def _val_ranking(noise: str, split: str, runs: list[RunSummary]) -> str:
     tau = kendall_tau([s.last10_val_acc for s in runs], [s.last10_acc for s in runs])
     by_val = max(runs, key=lambda s: s.last10_val_acc)  # the first of equals
     by_test = max(runs, key=lambda s: s.last10_acc)
+    words = split_words(split)
     same = ("is also the best by test acc" if by_val is by_test
             else f"is not the best by test acc ({by_test.name}: {by_test.last10_acc:.2f}% vs "
                  f"{by_val.last10_acc:.2f}%)")
-    return (f"Val acc against test acc over the {len(runs)} {noise} runs with a validation split (last-10 means): "
-            f"Kendall's tau = {tau:.2f} (1: the same order, -1: reversed); the best by val acc, "
-            f"{by_val.name}, {same}.")
+    return (f"{words.capitalize()} acc against test acc over the {len(runs)} {noise} runs judged by {words} "
+            f"(last-10 means): Kendall's tau = {tau:.2f} (1: the same order, -1: reversed); the best by {words} "
+            f"acc, {by_val.name}, {same}.")
 
 
 def pyplot(table: Path):
@@ -273,10 +280,11 @@ def pick_report(sweep: Sweep, axis: str, runs: list[Run], out: Path) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m jocor_ddp.report",
-        description="Compare runs: a Markdown table (DIR/report.md, also printed; with val accuracy "
-                    "for runs trained with data.val_fraction > 0) and PNG plots of test accuracy and "
+        description="Compare runs: a Markdown table (DIR/report.md, also printed; with the test accuracy at "
+                    "the best validation epoch for runs with a validation split: a clean val split in "
+                    "data.eval_splits, else data.noisy_val_fraction > 0) and PNG plots of test accuracy and "
                     "label precision against the epoch, one line per run. With --sweep: the sweep's "
-                    "table, or with --pick AXIS the AXIS value chosen by val accuracy.",
+                    "table, or with --pick AXIS the AXIS value chosen by validation accuracy.",
         epilog="The plots need matplotlib: pip install -e .[report]. The table is written without it.")
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders (each with metrics.jsonl "
                                                              "and config.yaml)")
@@ -285,9 +293,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --sweep: the table of these runs only (as python -m jocor_ddp.sweep --where)")
     p.add_argument("--pick", metavar="AXIS",
                    help="with --sweep, instead of the table: per combination of the other axes (seeds "
-                        "averaged), the AXIS value (e.g. method.forget_rate) with the best last-10 mean val "
-                        "accuracy, beside the value the test accuracy would pick and the gap (DIR/pick.md "
-                        "and DIR/pick.csv); needs runs trained with data.val_fraction > 0")
+                        "averaged), the AXIS value (e.g. method.forget_rate) with the best last-10 mean "
+                        "validation accuracy (clean val where every run scores it, else noisy val), beside the "
+                        "value the test accuracy would pick and the gap (DIR/pick.md and DIR/pick.csv); needs "
+                        "runs with a validation split (val in data.eval_splits, or data.noisy_val_fraction > 0)")
     p.add_argument("--out", metavar="DIR", help="output folder (with --sweep: default SWEEP_DIR/report)")
     p.add_argument("--acc", choices=("mean", "both"), default="mean",
                    help="plot the mean of the two networks' test accuracy (default) or both networks")

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from .checkpoint import CheckpointError
-from .config import Config, ConfigError, config_from_dict
+from .config import Config, ConfigError, config_from_dict, upgrade_config
 from .data import DataBundle, build_data
 from .dist import DistContext, pick_device
 from .job import CommandError
@@ -56,18 +56,20 @@ class Restored:
 
 def checkpoint_config(state: TrainingState, path: Path, *, shards: Optional[str] = None,
                       split: Optional[str] = None, root: Optional[str] = None) -> Config:
-    """The run's resolved config, with the data overrides of the command line."""
+    """The run's resolved config, with the data overrides of the command line (``split``: the
+    one evaluation split to score, beside test, which every config scores)."""
     tree = copy.deepcopy(state.config)
     if not isinstance(tree, dict) or not isinstance(tree.get("data", {}), dict):
         raise CheckpointError(f"checkpoint {path}: holds no config")
-    data = tree.setdefault("data", {})
-    if shards is not None:
-        data.update(source="shards", shards=shards)
-    if split is not None:
-        data["eval_split"] = split
-    if root is not None:
-        data["root"] = root
     try:
+        tree = upgrade_config(tree)  # a checkpoint of an earlier version: today's names, before the overrides
+        data = tree.setdefault("data", {})
+        if shards is not None:
+            data.update(source="shards", shards=shards)
+        if split is not None:
+            data["eval_splits"] = [split] if split == "test" else [split, "test"]
+        if root is not None:
+            data["root"] = root
         return config_from_dict(tree)
     except ConfigError as exc:
         raise ConfigError(f"checkpoint {path}: its config cannot be used here: {exc}") from None

@@ -1,7 +1,11 @@
 """A run folder's layout, RUN/{config.yaml, noise.json, metrics.jsonl, checkpoints/, tensorboard/}
-(the trainer writes it: ``runlog``, ``checkpoint``), and the one reader of its metrics.jsonl: read
-once, leniently for where a run stands, strictly (``Metrics.checked``) for what is averaged or
-judged."""
+(the trainer writes it: ``runlog``, ``checkpoint``), the names of its metrics, and the one reader of
+its metrics.jsonl: read once, leniently for where a run stands, strictly (``Metrics.checked``) for
+what is averaged or judged, and in today's names whichever version wrote it.
+
+Every scored split S is logged as S_acc1, S_acc2 (the two networks, percent) and S_samples: the
+evaluation splits under their own names (test, val, ...), the held-out share of the noisy
+training labels as noisy_val."""
 
 from __future__ import annotations
 
@@ -10,9 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 CONFIG, NOISE, METRICS, CHECKPOINTS, TENSORBOARD = (
     "config.yaml", "noise.json", "metrics.jsonl", "checkpoints", "tensorboard")
 REQUIRED_METRICS = ("epoch", "test_acc1", "test_acc2")
+# The held-out share of the training split with its noisy labels (data.noisy_val_fraction), as scored.
+NOISY_VAL = "noisy_val"
+# The splits a run is judged by, in the order of preference: clean labels measure what is wanted;
+# accuracy against noisy labels is a biased stand-in (docs/tools.md, Choosing by validation).
+VALIDATION_SPLITS = ("val", NOISY_VAL)
 
 
 class RunFolderError(RuntimeError):
@@ -41,9 +52,11 @@ class Metrics:
 
 
 def read_metrics(path: str | Path) -> Metrics:
+    """The rows of RUN/metrics.jsonl, in today's names (``earlier_names``)."""
     path = Path(path)
     if not path.is_file():
         return Metrics(path, [], f"{path}: not found (a run folder holds the metrics.jsonl the trainer writes)")
+    renames, scored = earlier_names(path.parent)
     rows, problem = {}, None
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -54,8 +67,12 @@ def read_metrics(path: str | Path) -> Metrics:
         except ValueError as exc:
             row, error = None, f"not valid JSON ({exc})"
         if isinstance(row, dict):
+            row = {renames.get(k, k): v for k, v in row.items()}
             missing = [k for k in REQUIRED_METRICS if not isinstance(row.get(k), (int, float))]
             error = f"no number for {', '.join(missing)}" if missing else None
+            if error and scored != "test":
+                error += (f" (its {CONFIG} says data.eval_split: {scored}: the run scored {scored}, logged as "
+                          f"{scored}_acc1 / {scored}_acc2, and never test)")
             if isinstance(row.get("epoch"), (int, float)):
                 rows[int(row["epoch"])] = row
         problem = problem or (error and f"{path}, line {n}: {error}")
@@ -64,9 +81,44 @@ def read_metrics(path: str | Path) -> Metrics:
     return Metrics(path, [rows[e] for e in sorted(rows)], problem)
 
 
-def has_val(rows: list[dict]) -> bool:
-    """Whether every row scores the validation split (runs with data.val_fraction > 0)."""
-    return all(isinstance(r.get(k), (int, float)) for r in rows for k in ("val_acc1", "val_acc2"))
+def earlier_names(run: Path) -> tuple[dict[str, str], str]:
+    """(metrics.jsonl key -> today's name, the split its test_acc* scored) for a run folder: the
+    renames are for runs written before data.eval_splits, known by data.eval_split in their
+    config.yaml. Their val_acc* was the noisy held-out split (data.val_fraction), now noisy_val_acc*,
+    and with data.eval_split: S other than test, test_acc* was S's accuracy, now S_acc*.
+    Today's runs (and folders without a readable config.yaml): no renames, test."""
+    try:
+        data = (yaml.safe_load((run / CONFIG).read_text()) or {}).get("data")
+    except (OSError, yaml.YAMLError, AttributeError):
+        data = None
+    if not isinstance(data, dict) or "eval_split" not in data:
+        return {}, "test"
+    split = str(data["eval_split"])
+    renames = {f"val_{part}": f"{NOISY_VAL}_{part}" for part in ("acc1", "acc2", "samples")}
+    if split != "test":
+        renames.update({f"test_{part}": f"{split}_{part}" for part in ("acc1", "acc2", "samples")})
+    return renames, split
+
+
+def acc_keys(split: str) -> tuple[str, str]:
+    """A split's accuracy keys in metrics.jsonl: net 1's and net 2's."""
+    return f"{split}_acc1", f"{split}_acc2"
+
+
+def split_words(split: str) -> str:
+    """A split's name as the epoch line and the reports write it (noisy_val: 'noisy val')."""
+    return split.replace("_", " ")
+
+
+def has_split(rows: list[dict], split: str) -> bool:
+    """Whether there are rows and every one scores ``split`` (both networks)."""
+    return bool(rows) and all(isinstance(r.get(k), (int, float)) for r in rows for k in acc_keys(split))
+
+
+def validation_split(rows: list[dict]) -> Optional[str]:
+    """The split that judges a run: val (clean labels) where every row scores it, else the noisy
+    held-out split, else None."""
+    return next((s for s in VALIDATION_SPLITS if has_split(rows, s)), None)
 
 
 def write_json(path: Path, obj) -> None:

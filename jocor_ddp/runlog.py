@@ -11,7 +11,8 @@ from typing import Optional
 
 from .config import Config, ConfigError, dump_config
 from .dist import DistContext, agree
-from .runfolder import CONFIG, METRICS, NOISE, TENSORBOARD, read_metrics
+from .runfolder import (CONFIG, METRICS, NOISE, NOISY_VAL, TENSORBOARD, acc_keys, earlier_names, read_metrics,
+                        split_words)
 
 
 class RunLog:
@@ -25,6 +26,10 @@ class RunLog:
     def _prepare(self, noise: Optional[dict]) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
+            if self.metrics.is_file() and earlier_names(self.dir)[0]:
+                # Written by an earlier version: its rows take today's names before config.yaml,
+                # which says how to read them, is rewritten (read_metrics drops a line cut short).
+                self.metrics.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(self.metrics).rows))
             (self.dir / CONFIG).write_text(dump_config(self.cfg))
             if noise is not None:
                 (self.dir / NOISE).write_text(json.dumps(noise, indent=1))
@@ -55,10 +60,12 @@ class RunLog:
             self.tensorboard.flush()
         precision = row["label_precision"]
         precision_s = f"{100 * precision:.2f}%" if precision is not None else "n/a"
-        val_s = f"  val acc {row['val_acc1']:.2f}% / {row['val_acc2']:.2f}%" if "val_acc1" in row else ""
+        scored = "  ".join(f"{split_words(split)} acc {row[acc1]:.2f}% / {row[acc2]:.2f}%"
+                           for split in (*self.cfg.data.eval_splits, NOISY_VAL)
+                           for acc1, acc2 in [acc_keys(split)] if acc1 in row)
         print(f"epoch {row['epoch']:>3}/{self.cfg.train.epochs}  lr {row['lr']:.2e}  "
               f"forget {row['forget_rate']:.3f}{forget_words}  loss {row['train_loss']:.4f}  "
-              f"label precision {precision_s}  test acc {row['test_acc1']:.2f}% / {row['test_acc2']:.2f}%{val_s}  "
+              f"label precision {precision_s}  {scored}  "
               f"{row['samples_per_s']:.0f} samples/s  {row['epoch_s']:.1f}s", flush=True)
 
     def truncate(self, completed_epochs: int) -> None:

@@ -8,11 +8,13 @@ Only finished runs are averaged; a cell says how many runs are still unfinished,
 with none finished says where they stand: nothing is averaged in silently. The std is the
 sample standard deviation over seeds (n - 1), shown from two finished runs on.
 
-Runs with a validation split (``data.val_fraction`` > 0) also log val_acc1 / val_acc2:
-accuracy against held-out NOISY labels, the only signal a user without clean labels has.
+Runs with a validation split also log its accuracy: val_acc1 / val_acc2 for a clean val split
+of the shards (data.eval_splits), noisy_val_acc1 / noisy_val_acc2 for the held-out share of the
+noisy training labels (data.noisy_val_fraction), the only signal a user without clean labels
+has. A run is judged by the clean one where it scores it (``runfolder.validation_split``).
 ``last_epochs_val_mean``, ``best_val_row`` and ``kendall_tau`` say how well it stands in
 for the test accuracy, and ``build_pick`` (``report --sweep S --pick AXIS``) picks a
-hyperparameter value by it, beside the value the clean test accuracy would have picked.
+hyperparameter value by it, beside the value the test accuracy would have picked.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Callable, Optional
 
 from .grid import SEED_AXIS, Run, RunStatus, Sweep, status
 from .job import CommandError
-from .runfolder import has_val
+from .runfolder import NOISY_VAL, VALIDATION_SPLITS, acc_keys, has_split, split_words, validation_split
 
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
             "clothing1m": "Clothing1M", "imagefolder": "ImageFolder"}
@@ -33,33 +35,35 @@ LAST_EPOCHS = 10
 NO_VAL = "–"  # no figure: a run without a validation split, a choice with no finished run
 
 
-def mean_acc(row: dict) -> float:
-    return (row["test_acc1"] + row["test_acc2"]) / 2
+def mean_acc(row: dict, split: str = "test") -> float:
+    """The two networks' mean accuracy on a split (test by default) in one row."""
+    acc1, acc2 = acc_keys(split)
+    return (row[acc1] + row[acc2]) / 2
 
 
-def mean_val(row: dict) -> float:
-    return (row["val_acc1"] + row["val_acc2"]) / 2
-
-
-def last_epochs_mean(rows: list[dict], n: int = LAST_EPOCHS, acc: Callable[[dict], float] = mean_acc) -> float:
-    """Mean over the last min(n, E) epochs of the two networks' mean test accuracy (or ``acc``)."""
+def last_epochs_mean(rows: list[dict], n: int = LAST_EPOCHS, split: str = "test") -> float:
+    """Mean over the last min(n, E) epochs of the two networks' mean accuracy on a split."""
     tail = rows[-n:]
-    return sum(acc(r) for r in tail) / len(tail)
+    return sum(mean_acc(r, split) for r in tail) / len(tail)
 
 
-def last_epochs_val_mean(rows: list[dict], n: int = LAST_EPOCHS) -> Optional[float]:
-    """As last_epochs_mean, of the val accuracy; None without a validation split."""
-    return last_epochs_mean(rows, n, mean_val) if has_val(rows) else None
+def last_epochs_val_mean(rows: list[dict], split: Optional[str] = None) -> Optional[float]:
+    """As last_epochs_mean, of a validation split's accuracy (default: the run's, clean val
+    before noisy val); None where the rows do not score it."""
+    split = split or validation_split(rows)
+    return last_epochs_mean(rows, split=split) if split and has_split(rows, split) else None
 
 
 def pct(v: Optional[float], missing: str = NO_VAL) -> str:
     return missing if v is None else f"{v:.2f}"
 
 
-def best_val_row(rows: list[dict]) -> Optional[dict]:
-    """The row whose mean val accuracy is highest, the earliest on a tie (where early
-    stopping on the validation split would stop); None without a validation split."""
-    return max(rows, key=mean_val) if has_val(rows) else None
+def best_val_row(rows: list[dict]) -> tuple[Optional[dict], Optional[str]]:
+    """(the row whose mean validation accuracy is highest, the earliest on a tie: where early
+    stopping on the validation split would stop; that split): the run's validation split, clean
+    val before noisy val; (None, None) without one."""
+    split = validation_split(rows)
+    return (max(rows, key=lambda r: mean_acc(r, split)), split) if split else (None, None)
 
 
 def kendall_tau(x: list[float], y: list[float]) -> float:
@@ -196,6 +200,7 @@ def build_table(sweep: Sweep, runs: Optional[list[Run]] = None) -> Table:
 class Choice:
     """One value of the picked axis within one combination of the other axes."""
     value: str
+    split: str                        # the validation split that judges (val, noisy_val)
     cell: Cell = field(default_factory=Cell)
 
     def mean(self, figure: Callable[[list[dict]], Optional[float]]) -> Optional[float]:
@@ -205,7 +210,7 @@ class Choice:
 
     @property
     def val(self) -> Optional[float]:
-        return self.mean(last_epochs_val_mean)
+        return self.mean(lambda rows: last_epochs_mean(rows, split=self.split))
 
     @property
     def test(self) -> Optional[float]:
@@ -247,6 +252,7 @@ class Pick:
     axis: str
     others: list[str]                 # the axes that make a combination (not the seed, not axis)
     rows: list[PickRow]
+    split: str                        # the validation split that judges every run (val, noisy_val)
 
     def _columns(self) -> list[str]:
         return self.others or ["combination"]
@@ -257,12 +263,11 @@ class Pick:
     def markdown(self) -> str:
         out = [f"# {self.sweep.description or self.sweep.path.stem}: {self.axis} picked by validation accuracy", "",
                f"Sweep `{self.sweep.path}`, in `{self.sweep.dir}`. Per combination of the other axes, the "
-               f"{self.axis} value whose runs have the best val acc (on the held-out split's noisy labels: what "
-               "a user without clean labels sees), its test acc (clean labels), the value the test acc would "
-               "have picked (the oracle) and the gap: oracle test acc − picked test acc. Each figure: the mean "
-               f"over the finished seeds of the run's mean over its last {LAST_EPOCHS} epochs of the two "
-               "networks' accuracy.", "",
-               "| " + " | ".join(self._columns()) + " | picked by val | val acc (%) | test acc (%) "
+               f"{self.axis} value whose runs have the best {self._val} acc ({SPLIT_WHAT[self.split]}), its "
+               "test acc, the value the test acc would have picked (the oracle) and the gap: oracle test acc − "
+               "picked test acc. Each figure: the mean over the finished seeds of the run's mean over its last "
+               f"{LAST_EPOCHS} epochs of the two networks' accuracy.", "",
+               "| " + " | ".join(self._columns()) + f" | picked by {self._val} | {self._val} acc (%) | test acc (%) "
                "| best by test | test acc (%) | gap | runs |",
                "|" + "---|" * len(self._columns()) + "---|---:|---:|---|---:|---:|---|"]
         for row in self.rows:
@@ -283,8 +288,12 @@ class Pick:
         if not scored:
             return "No combination has a finished run yet."
         hits = sum(row.picked is row.oracle for row in scored)
-        return (f"Val acc picked the oracle's value in {hits} of {len(scored)} combinations; mean gap "
-                f"{statistics.fmean(row.gap for row in scored):.2f} points of test accuracy.")
+        return (f"{self._val.capitalize()} acc picked the oracle's value in {hits} of {len(scored)} combinations; "
+                f"mean gap {statistics.fmean(row.gap for row in scored):.2f} points of test accuracy.")
+
+    @property
+    def _val(self) -> str:
+        return split_words(self.split)
 
     def csv(self) -> str:
         def num(v: Optional[float]) -> str:
@@ -292,13 +301,13 @@ class Pick:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(self._columns() + ["picked", "picked_val", "picked_test", "oracle", "oracle_val",
-                                      "oracle_test", "gap", "runs_finished", "runs_unfinished"])
+                                      "oracle_test", "gap", "runs_finished", "runs_unfinished", "val_split"])
         for row in self.rows:
             picked, oracle, runs = row.picked, row.oracle, row.runs()
             w.writerow(self._combination(row) + [
                 picked.value if picked else "", num(picked and picked.val), num(picked and picked.test),
                 oracle.value if oracle else "", num(oracle and oracle.val), num(oracle and oracle.test),
-                num(row.gap), len(runs.finished), len(runs.unfinished)])
+                num(row.gap), len(runs.finished), len(runs.unfinished), self.split])
         return buf.getvalue()
 
 
@@ -309,36 +318,56 @@ def check_pick_axis(sweep: Sweep, axis: str) -> None:
         raise CommandError(f"--pick {axis}: {why}; the sweep's axes: {', '.join(allowed) or 'train.seed only'}")
 
 
-VAL_NEEDED = "--pick needs runs with data.val_fraction > 0 (narrow the sweep with --where if only some have it)"
+# What each validation split measures, as the pick's page says it.
+SPLIT_WHAT = {"val": "the clean validation split",
+              NOISY_VAL: "the held-out split's noisy labels: what a user without clean labels sees"}
+VAL_NEEDED = ("--pick needs runs with a validation split, a clean one (data.eval_splits with val) or a noisy "
+              "one (data.noisy_val_fraction > 0) (narrow the sweep with --where if only some have one)")
 
 
-def require_val_split(run: Run) -> None:
-    """Checked on the config, so that a run without a split is named before it has even started."""
-    if not run.cfg.data.val_fraction:
-        raise CommandError(f"{VAL_NEEDED}: run {run.dir} has data.val_fraction = {run.cfg.data.val_fraction}")
+def pick_split(runs: list[Run]) -> str:
+    """The validation split that judges every run of a pick, read from the configs (so that a run
+    without one is named before it has even started): the clean val split where every run scores
+    it, else the noisy held-out one where every run has it; runs judged by different kinds of
+    split are not compared."""
+    offered = [(run, run.cfg.data.validation_splits()) for run in runs]
+    for run, splits in offered:
+        if not splits:
+            raise CommandError(f"{VAL_NEEDED}: run {run.dir} has neither (data.eval_splits: "
+                               f"[{', '.join(run.cfg.data.eval_splits)}], data.noisy_val_fraction = "
+                               f"{run.cfg.data.noisy_val_fraction})")
+    for split in VALIDATION_SPLITS:
+        if all(split in splits for _, splits in offered):
+            return split
+    clean = next(run for run, splits in offered if NOISY_VAL not in splits)
+    noisy = next(run for run, splits in offered if "val" not in splits)
+    raise CommandError(f"--pick: the runs compared must be judged by the same kind of validation split, but run "
+                       f"{clean.dir} scores a clean val split without a noisy one (data.noisy_val_fraction = 0) and "
+                       f"run {noisy.dir} only a noisy one (no val in data.eval_splits); narrow the sweep with --where")
 
 
-def check_val_rows(st: RunStatus) -> None:
-    """That a finished run's rows, read strictly, hold val_acc1 / val_acc2 in every one."""
-    if not has_val(st.metrics.checked()):
-        raise CommandError(f"{VAL_NEEDED}: {st.metrics.path} has no val_acc1 / val_acc2 in every row")
+def check_val_rows(st: RunStatus, split: str) -> None:
+    """That a finished run's rows, read strictly, hold the split's accuracy in every one."""
+    if not has_split(st.metrics.checked(), split):
+        raise CommandError(f"{VAL_NEEDED}: {st.metrics.path} has no {' / '.join(acc_keys(split))} in every row")
 
 
 def build_pick(sweep: Sweep, axis: str, runs: Optional[list[Run]] = None) -> Pick:
     """Per combination of the axes other than ``axis`` and the seed: the value of ``axis``
-    with the best val accuracy, beside the best by test accuracy (of ``runs``, default all)."""
+    with the best validation accuracy, beside the best by test accuracy (of ``runs``, default all)."""
     check_pick_axis(sweep, axis)
+    runs = sweep.runs if runs is None else runs
+    split = pick_split(runs)
     others = [a for a in sweep.axes if a not in (axis, SEED_AXIS)]
     rows: dict[tuple[str, ...], PickRow] = {}
-    for run in sweep.runs if runs is None else runs:
+    for run in runs:
         combination = tuple(run.labels[a] for a in others)
         row = rows.setdefault(combination, PickRow(combination, {}))
-        choice = row.choices.setdefault(run.labels[axis], Choice(run.labels[axis]))
-        require_val_split(run)
+        choice = row.choices.setdefault(run.labels[axis], Choice(run.labels[axis], split))
         st = status(run)
         if st.state == "finished":  # what is averaged is read strictly, as in build_table
-            check_val_rows(st)
+            check_val_rows(st, split)
             choice.cell.finished.append((run, st))
         else:
             choice.cell.unfinished.append((run, st))
-    return Pick(sweep, axis, others, list(rows.values()))
+    return Pick(sweep, axis, others, list(rows.values()), split)

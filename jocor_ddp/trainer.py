@@ -25,6 +25,7 @@ from .dist import DistContext, agree, all_gather_objects, all_reduce_sum, broadc
 from .models import ModelPair, build_pair
 from .preemption import Preempted, StopFlag
 from .progress import Progress, progress_enabled
+from .runfolder import NOISY_VAL, split_words
 from .runlog import RunLog
 from .schedule import decide_forget_rate, forget_rate_schedule, lr_beta1_schedule
 from .state import TrainingState, read_state
@@ -70,7 +71,7 @@ class Trainer:
         self.auto = None
         if self.forget.auto:  # estimated from the training split without the held-out samples
             self.auto = AutoForgetRate(cfg.method, cfg.train.epochs, self.data.num_classes,
-                                       self.data.train.index_range - self.data.held_out)
+                                       self.data.train.index_range - self.data.noisy_val_samples)
         self.forget_rates = self.auto.forget_rates() if self.auto else forget_rate_schedule(
             self.forget.tau, cfg.train.epochs, cfg.method.num_gradual, cfg.method.exponent)
         self.lrs, self.beta1s = lr_beta1_schedule(cfg.train.lr, cfg.train.epochs,
@@ -162,15 +163,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Accuracy of both networks over every test sample, each scored exactly once."""
+        """Accuracy of both networks over every sample of each evaluation split, in the order of
+        data.eval_splits, then over the noisy held-out split; each sample scored exactly once."""
         # BatchNorm running statistics drift apart per rank after the last step (DDP broadcasts
         # buffers only before a forward): score with rank 0's, the ones the checkpoint keeps.
         broadcast_buffers(self.ctx, self.pair)
         self.pair.eval()
         start = time.perf_counter()
-        row = self._accuracy("test", self.data.test)
-        if self.data.val is not None:  # accuracy against the held-out samples' noisy labels
-            row.update(self._accuracy("val", self.data.val))
+        row = {}
+        for name, loader in self.data.evals.items():
+            row.update(self._accuracy(name, loader))
+        if self.data.noisy_val is not None:  # accuracy against the held-out samples' noisy labels
+            row.update(self._accuracy(NOISY_VAL, self.data.noisy_val))
         row["eval_s"] = time.perf_counter() - start
         return row
 
@@ -342,12 +346,13 @@ class Trainer:
         if not self.ctx.is_main:
             return
         n = self.data.train.index_range
-        held = self.data.held_out
-        n_s = f"{n - held} train + {held} validation" if held else f"{n} train"
+        held = self.data.noisy_val_samples
+        n_s = f"{n - held} train + {held} {split_words(NOISY_VAL)}" if held else f"{n} train"
+        scored = " / ".join(f"{loader.num_samples} {split_words(name)}" for name, loader in self.data.evals.items())
         noise = self.data.noise
         noise_s = (f"{noise.type} {noise.rate:g} (actual {100 * noise.actual_rate:.2f}% wrong)"
                    if noise is not None else "given labels")
-        print(f"jocor_ddp: {self.cfg.data.name} ({n_s} / {self.data.test.num_samples} test), "
+        print(f"jocor_ddp: {self.cfg.data.name} ({n_s} / {scored}), "
               f"{self.cfg.model.arch} pair, noise {noise_s}, {self.ctx.world_size} rank(s) on "
               f"{self.ctx.device.type}, global batch {self.cfg.train.batch_size}, "
               f"{self.data.train.steps_per_epoch} steps/epoch{self._epoch_kind()}, selection {self.cfg.selection}, "

@@ -19,8 +19,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import REPO, child_env, free_port, metric_rows  # noqa: E402
+from helpers import REPO, TIME_FIELDS, child_env, free_port  # noqa: E402
 from shard_fixtures import clothing1m_shards  # noqa: E402
+
+sys.path.insert(0, str(REPO))  # this tree's package, whatever the environment has installed
+from jocor_ddp.runfolder import METRICS, read_metrics  # noqa: E402
 
 FMNIST = ["--config", "configs/fashion_mnist_sym50.yaml", "data.train_subset=2000", "data.test_subset=500",
           "train.epochs=3", "train.batch_size=64", "log.progress=never"]
@@ -30,6 +33,7 @@ def scenarios(shards: Path) -> dict[str, tuple[int, list[str]]]:
     return {
         "fmnist_1proc": (1, FMNIST),
         "fmnist_2ranks": (2, FMNIST),
+        # data.val_fraction: the earlier name of data.noisy_val_fraction, which both trees read.
         "fmnist_auto": (1, FMNIST + ["method.name=coteaching_plus", "method.init_epoch=1", "method.forget_rate=auto",
                                      "method.num_gradual=2", "data.val_fraction=0.1", "checkpoint.every_steps=7"]),
         "clothing1m_stream": (2, ["data.name=clothing1m", "data.source=shards", f"data.shards={shards}",
@@ -37,6 +41,12 @@ def scenarios(shards: Path) -> dict[str, tuple[int, list[str]]]:
                                   "data.crop_size=32", "noise.type=none", "noise.rate=0", "model.arch=mlp", "train.batch_size=16", "train.epochs=3",
                                   "method.num_gradual=2", "log.progress=never"]),
     }
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """A run's rows in this tree's names (runfolder.read_metrics renames an earlier version's),
+    time fields aside."""
+    return [{k: v for k, v in row.items() if k not in TIME_FIELDS} for row in read_metrics(run_dir / METRICS).rows]
 
 
 def run_all(tree: Path, out: Path, shards: Path, reuse: bool = False) -> dict:

@@ -114,7 +114,7 @@ def test_too_few_samples_for_the_estimator_is_an_error_on_every_rank(data, tmp_p
 def test_held_out_samples_do_not_count_towards_the_estimators_minimum(data, tmp_path):
     """220 samples, 22 held out for validation: the estimate would score 198, under 200."""
     proc = _train(data, tmp_path / "run", "method.forget_rate=auto", "data.train_subset=220",
-                  "data.val_fraction=0.1", check=False)
+                  "data.noisy_val_fraction=0.1", check=False)
     assert proc.returncode != 0
     assert "(200 for 10 classes); this run trains on 198" in proc.stderr
 

@@ -89,16 +89,19 @@ def test_given_labels_are_the_noisy_ones(tmp_path):
             seen += 1
     assert seen == 32
     assert bundle.test.num_samples == len(expected["test"])
-    val = build_data(shard_cfg(shards, cache="device", eval_split="val", resize_size=36, crop_size=32),
-                     DistContext())
-    assert val.test.num_samples == len(expected["val"])
-    assert sorted(torch.cat([b.y for b in val.test]).tolist()) == sorted(label for _, label, _ in expected["val"])
+    both = build_data(shard_cfg(shards, cache="device", eval_splits=["val", "test"], resize_size=36, crop_size=32),
+                      DistContext())
+    assert list(both.evals) == ["val", "test"]
+    for split in ("val", "test"):
+        assert both.evals[split].num_samples == len(expected[split])
+        assert sorted(torch.cat([b.y for b in both.evals[split]]).tolist()) == \
+            sorted(label for _, label, _ in expected[split])
     with pytest.raises(ConfigError, match="noise.type: clothing1m's labels are already noisy"):
         cfg = shard_cfg(shards)
         cfg.noise.type, cfg.noise.rate = "symmetric", 0.4
         build_data(cfg, DistContext())
     with pytest.raises(DataError, match="no split 'holdout'"):
-        build_data(shard_cfg(shards, eval_split="holdout"), DistContext())
+        build_data(shard_cfg(shards, eval_splits=["holdout", "test"]), DistContext())
 
 
 def reference_eval(data: bytes) -> torch.Tensor:
@@ -149,22 +152,28 @@ def find_window(img: torch.Tensor, window: torch.Tensor):
 
 
 def test_device_cache_and_stream_agree_on_evaluation(tmp_path):
-    shards, _ = clothing1m_shards(tmp_path, n_train=16, n_val=4, n_test=6)
+    shards, expected = clothing1m_shards(tmp_path, n_train=16, n_val=4, n_test=6)
     views = []
     for cache in ("device", "stream"):
-        bundle = build_data(shard_cfg(shards, cache=cache, resize_size=40, crop_size=32), DistContext())
-        views.append(torch.cat([b.x for b in bundle.test]))
+        bundle = build_data(shard_cfg(shards, cache=cache, resize_size=40, crop_size=32, eval_splits=["val", "test"]),
+                            DistContext())
+        views.append({split: torch.cat([b.x for b in loader]) for split, loader in bundle.evals.items()})
         batch = next(iter(bundle.train.epoch(0)))
         assert batch.x.shape == (8, 3, 32, 32)
         # Normalised: roughly zero-centred, not in [0, 1].
         assert batch.x.min() < 0
+    # Every split, in the order asked for, from both sources.
+    assert [(s, len(x)) for s, x in views[0].items()] == [(s, len(x)) for s, x in views[1].items()] == \
+        [("val", len(expected["val"])), ("test", len(expected["test"]))]
     # The cache keeps the centre 40x40 of the resized image; the stream crops the same
     # centre from the full resized image: the same view, or shifted by one pixel where
     # torchvision's centre rounding differs between the two routes.
-    for a, b in zip(*views):
-        assert any(torch.allclose(shifted(a, dy, dx), shifted(b, -dy, -dx), atol=1e-5)
-                   for dy in (-1, 0, 1) for dx in (-1, 0, 1))
-    assert sum(torch.allclose(a, b, atol=1e-5) for a, b in zip(*views)) >= 1
+    for split in ("val", "test"):
+        pairs = list(zip(views[0][split], views[1][split]))
+        for a, b in pairs:
+            assert any(torch.allclose(shifted(a, dy, dx), shifted(b, -dy, -dx), atol=1e-5)
+                       for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+        assert sum(torch.allclose(a, b, atol=1e-5) for a, b in pairs) >= 1, split
 
 
 def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

@@ -32,8 +32,23 @@ BAD = [
      r"method\.forget_rate: auto: method\.name=standard selects no small-loss share"),
     (["method.forget_rate=auto", "method.name=decoupling"], r"method\.forget_rate: auto: method\.name=decoupling"),
     (["method.forget_rate_fallback=1.0"], r"method\.forget_rate_fallback: 1\.0 is outside"),
-    (["data.val_fraction=0.6"], r"data\.val_fraction: 0\.6 is outside \[0\.0, 0\.5\]"),
-    (["data.val_fraction=-0.1"], r"data\.val_fraction: -0\.1 is outside"),
+    (["data.noisy_val_fraction=0.6"], r"data\.noisy_val_fraction: 0\.6 is outside \[0\.0, 0\.5\]"),
+    (["data.val_fraction=-0.1"], r"data\.noisy_val_fraction: -0\.1 is outside"),  # the earlier name, converted
+    (["data.eval_splits=[val, test]"], r"data\.eval_splits: the memory source has only test"),
+    (["data.eval_splits=[]"], r"data\.eval_splits: must name at least test"),
+    (["data.eval_splits=test"], r"data\.eval_splits: expected a list"),
+    (["data.source=shards", "data.shards=S", "data.eval_splits=[val]"],
+     r"data\.eval_splits: \[val\] must include test"),
+    (["data.source=shards", "data.shards=S", "data.eval_splits=[test, val, test]"],
+     r"data\.eval_splits: 'test' is named twice"),
+    (["data.source=shards", "data.shards=S", "data.eval_splits=[train, test]"],
+     r"data\.eval_splits: 'train' is trained on"),
+    (["data.source=shards", "data.shards=S", "data.eval_splits=[noisy_val, test]"],
+     r"data\.eval_splits: 'noisy_val' names the held-out share"),
+    (["data.source=shards", "data.shards=S", "data.eval_splits=[test, a/b]"],
+     r"data\.eval_splits: 'a/b' is not a split name"),
+    (["data.eval_split=test", "data.eval_splits=[test]"],
+     r"data\.eval_split: the earlier name of data\.eval_splits; give only data\.eval_splits"),
 ]
 
 

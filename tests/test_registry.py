@@ -169,6 +169,6 @@ def test_a_new_resident_loader_trains_like_the_memory_source(mnist, tmp_path):
     cfg = load_config(None, train_args(mnist, tmp_path / "b", *overrides, entry=()))
     bundle = DataBundle(name="mnist", classes=arrays.classes, in_channels=1, image_size=28,
                         train=ArrayLoader(arrays.train.images[..., 0], arrays.train.labels, global_batch=32, seed=1),
-                        test=built_in.data.test)
+                        evals=built_in.data.evals)
     Trainer(cfg, DistContext(), data=bundle).fit()
     assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")

@@ -1,6 +1,7 @@
 """report: the table's numbers from hand-written metrics (exactly), the PNGs from a real
-run, the table without matplotlib, and errors that name the file and line; the val accuracy
-columns, the Kendall tau of val against test, and --pick on a hand-written sweep."""
+run, the table without matplotlib, and errors that name the file and line; the test accuracy
+at the best validation epoch (the clean val split preferred to the noisy held-out one), the
+Kendall tau of validation against test, and --pick on hand-written sweeps of either kind."""
 
 import csv
 import io
@@ -54,8 +55,8 @@ def test_table_from_hand_written_metrics(hand_runs, tmp_path, capsys):
     assert summary[1]["best_acc"] == 91.0
     assert summary[1]["final_label_precision"] is None
     table = (out / "report.md").read_text()
-    assert "| long | jocor | symmetric 50% | 12 | 8.50 | 14.00 | 75.00 |" in table
-    assert "| short | coteaching | pairflip 45% | 3 | 72.17 | 91.00 | n/a |" in table
+    assert "| long | jocor | symmetric 50% | 12 | 8.50 | 14.00 | n/a | n/a | n/a | 75.00 |" in table
+    assert "| short | coteaching | pairflip 45% | 3 | 72.17 | 91.00 | n/a | n/a | n/a | n/a |" in table
     assert table in capsys.readouterr().out
 
 
@@ -103,9 +104,14 @@ def test_errors_name_the_file_and_line(tmp_path, capsys, content, message):
 
 # --- validation accuracy ---------------------------------------------------------------------
 
-def val_row(epoch, test, val):
-    """A row of a run with a validation split: (net 1, net 2) test and val accuracies."""
-    return {**row(epoch, *test), "val_acc1": val[0], "val_acc2": val[1], "val_samples": 500}
+def val_row(epoch, test, val, split="noisy_val", **more):
+    """A row of a run with a validation split: (net 1, net 2) test and validation accuracies
+    (split: noisy_val, the held-out noisy labels, or val, a clean split); ``more``: another
+    split's pair, by name."""
+    out = {**row(epoch, *test), f"{split}_acc1": val[0], f"{split}_acc2": val[1], f"{split}_samples": 500}
+    for name, (acc1, acc2) in more.items():
+        out.update({f"{name}_acc1": acc1, f"{name}_acc2": acc2, f"{name}_samples": 50})
+    return out
 
 
 @pytest.fixture
@@ -129,14 +135,42 @@ def test_val_columns_and_how_val_ranks_the_runs(val_runs, hand_runs, tmp_path):
     assert summary["a"]["last10_val_acc"] == pytest.approx(157 / 3, abs=1e-12)
     assert (summary["a"]["test_acc_at_best_val"], summary["a"]["best_val_epoch"]) == (70.0, 2)
     assert (summary["b"]["test_acc_at_best_val"], summary["b"]["best_val_epoch"]) == (70.0, 1)
+    assert summary["a"]["val_split"] == "noisy_val"
     assert summary["long"]["last10_val_acc"] is None and summary["long"]["test_acc_at_best_val"] is None
+    assert summary["long"]["val_split"] is None
     table = (out / "report.md").read_text()
-    assert "| a | jocor | symmetric 50% | 3 | 65.00 | 71.00 | n/a | 52.33 | 70.00 |" in table
-    assert "| c | jocor | symmetric 50% | 2 | 78.50 | 80.00 | n/a | 53.50 | 77.00 |" in table
-    assert "| long | jocor | symmetric 50% | 12 | 8.50 | 14.00 | 75.00 | – | – |" in table
-    assert ("over the 3 symmetric 50% runs with a validation split (last-10 means): Kendall's tau = 0.33 "
-            "(1: the same order, -1: reversed); the best by val acc, b, is not the best by test acc "
-            "(c: 78.50% vs 71.50%).") in table
+    assert "| a | jocor | symmetric 50% | 3 | 65.00 | 71.00 | 70.00 | noisy val | 52.33 | n/a |" in table
+    assert "| c | jocor | symmetric 50% | 2 | 78.50 | 80.00 | 77.00 | noisy val | 53.50 | n/a |" in table
+    assert "| long | jocor | symmetric 50% | 12 | 8.50 | 14.00 | n/a | n/a | n/a | 75.00 |" in table
+    assert ("Noisy val acc against test acc over the 3 symmetric 50% runs judged by noisy val (last-10 means): "
+            "Kendall's tau = 0.33 (1: the same order, -1: reversed); the best by noisy val acc, b, is not the "
+            "best by test acc (c: 78.50% vs 71.50%).") in table
+
+
+@pytest.fixture
+def clean_run(tmp_path):
+    # A clean val split and a noisy held-out one that disagree on the best epoch. Means per epoch:
+    #   test 61, 65, 63; val 71, 70, 71 (epochs 1 and 3 tie: the first counts); noisy val 40, 46, 44.
+    # Judged by val: epoch 1, test 61 (the noisy split would have said epoch 2, test 65).
+    return write_run(tmp_path / "clean", [val_row(1, (60, 62), (70, 72), "val", noisy_val=(40, 40)),
+                                          val_row(2, (66, 64), (69, 71), "val", noisy_val=(45, 47)),
+                                          val_row(3, (63, 63), (71, 71), "val", noisy_val=(44, 44))])
+
+
+def test_the_clean_val_split_judges_where_the_run_scores_it(clean_run, val_runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert report.main([str(clean_run), str(val_runs[0]), "--out", str(out), "--no-plots"]) == 0
+    summary = {s["name"]: s for s in json.loads((out / "report.json").read_text())}
+    clean = summary["clean"]
+    assert (clean["test_acc_at_best_val"], clean["best_val_epoch"], clean["val_split"]) == (61.0, 1, "val")
+    assert clean["last10_val_acc"] == pytest.approx(212 / 3, abs=1e-12)
+    assert (clean["last10_acc"], clean["best_acc"]) == (63.0, 66.0)
+    table = (out / "report.md").read_text()
+    assert "| clean | jocor | symmetric 50% | 3 | 63.00 | 66.00 | 61.00 | val | 70.67 | n/a |" in table
+    assert "| a | jocor | symmetric 50% | 3 | 65.00 | 71.00 | 70.00 | noisy val | 52.33 | n/a |" in table
+    assert table in capsys.readouterr().out  # the console table
+    # A clean and a noisy split are different scales: no ranking across the two kinds.
+    assert "Kendall" not in table
 
 
 def test_val_ranks_runs_within_one_noise_setting_only(val_runs, tmp_path):
@@ -146,7 +180,7 @@ def test_val_ranks_runs_within_one_noise_setting_only(val_runs, tmp_path):
     out = tmp_path / "out"
     assert report.main([*map(str, val_runs), str(flip), "--out", str(out), "--no-plots"]) == 0
     table = (out / "report.md").read_text()
-    assert "over the 3 symmetric 50% runs" in table and "the best by val acc, b," in table
+    assert "over the 3 symmetric 50% runs" in table and "the best by noisy val acc, b," in table
     assert "pairflip 45% runs" not in table
 
 
@@ -164,51 +198,65 @@ def test_kendall_tau_by_hand(x, y, tau):
     assert kendall_tau(x, y) == pytest.approx(tau, abs=1e-12)
 
 
-# --- --pick: an axis chosen by val accuracy ---------------------------------------------------------
+# --- --pick: an axis chosen by validation accuracy ---------------------------------------------------
 
 # setting -> forget rate -> (val, test): the mean over two seeds of each run's last-10 mean.
 # sym20: val picks 0.3, test would pick 0.4 (gap 2); sym50: both pick 0.3.
 PICK = {"sym20": {0.2: (60, 80), 0.3: (62, 79), 0.4: (58, 81)},
         "sym50": {0.2: (40, 60), 0.3: (45, 66), 0.4: (44, 65)}}
 UNFINISHED = "sym50-forget_rate0.4-seed2"
+# The sweep-wide overrides that give every run a validation split of one kind.
+NOISY = {"data.noisy_val_fraction": 0.1}
+CLEAN = {"data.source": "shards", "data.shards": "none", "data.eval_splits": ["val", "test"]}
 
 
-def write_sweep(tmp_path, val_fraction=0.1):
+def write_sweep(tmp_path, overrides=None, sym50=None):
+    """A 2 settings x 3 forget rates x 2 seeds sweep; ``overrides`` for every run (default NOISY),
+    ``sym50`` for the sym50 runs only."""
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({"data": {"name": "mnist", "root": str(tmp_path / "none")},
                                     "model": {"arch": "mlp"}, "train": {"epochs": 3}}))
     path = tmp_path / "pick.yaml"
     path.write_text(yaml.safe_dump({
-        "base": str(base), "dir": str(tmp_path / "sweep"), "overrides": {"data.val_fraction": val_fraction},
-        "axes": {"setting": {"sym20": {"noise.rate": 0.2}, "sym50": {"noise.rate": 0.5}},
+        "base": str(base), "dir": str(tmp_path / "sweep"), "overrides": NOISY if overrides is None else overrides,
+        "axes": {"setting": {"sym20": {"noise.rate": 0.2}, "sym50": {"noise.rate": 0.5, **(sym50 or {})}},
                  "method.forget_rate": [0.2, 0.3, 0.4], "train.seed": [1, 2]}}, sort_keys=False))
     return path
 
 
-def write_pick_metrics(path, with_val=True):
+def write_pick_metrics(path, splits=("noisy_val",)):
     """Each run's epochs spread around its figure (e - 2: the 3-epoch mean is the figure);
-    seed 1 of sym20/0.2 is 3 points of val above seed 2, so that seed 1 alone would pick 0.2."""
+    seed 1 of sym20/0.2 is 3 points of val above seed 2, so that seed 1 alone would pick 0.2.
+    The first of ``splits`` holds PICK's validation figures; any other, 100 minus them: a split
+    that would pick otherwise."""
     for run in load_sweep(path).runs:
         val, test = PICK[run.labels["setting"]][run.cfg.method.forget_rate]
         if (run.labels["setting"], run.cfg.method.forget_rate) == ("sym20", 0.2):
             val += 3 if run.seed == 1 else -3
         rows = [row(e, test + e - 3, test + e - 1) for e in range(1, 4)]
-        if with_val:
-            rows = [{**r, "val_acc1": val + e - 3, "val_acc2": val + e - 1} for e, r in enumerate(rows, 1)]
+        for k, split in enumerate(splits):
+            figure = val if k == 0 else 100 - val
+            rows = [{**r, f"{split}_acc1": figure + e - 3, f"{split}_acc2": figure + e - 1}
+                    for e, r in enumerate(rows, 1)]
         run.dir.mkdir(parents=True)
         (run.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in
                                                     rows[:2 if run.name == UNFINISHED else 3]))
 
 
-def test_pick_chooses_by_val_beside_the_test_oracle(tmp_path, capsys):
-    path = write_sweep(tmp_path)
-    write_pick_metrics(path)
+@pytest.mark.parametrize("overrides, splits, words", [
+    (NOISY, ("noisy_val",), "noisy val"), (CLEAN, ("val",), "val"),
+    # Both kinds in every run: the clean one judges, whatever the noisy one would pick.
+    ({**CLEAN, **NOISY}, ("val", "noisy_val"), "val")])
+def test_pick_chooses_by_val_beside_the_test_oracle(tmp_path, capsys, overrides, splits, words):
+    path = write_sweep(tmp_path, overrides)
+    write_pick_metrics(path, splits)
     out = tmp_path / "out"
     assert report.main(["--sweep", str(path), "--pick", "method.forget_rate", "--out", str(out)]) == 0
     md = (out / "pick.md").read_text()
+    assert f"| setting | picked by {words} | {words} acc (%) | test acc (%) | best by test |" in md
     assert "| sym20 | forget_rate0.3 | 62.00 | 79.00 | forget_rate0.4 | 81.00 | 2.00 | 6 |" in md
     assert "| sym50 | forget_rate0.3 | 45.00 | 66.00 | forget_rate0.3 | 66.00 | 0.00 | 5 (+1 unfinished) |" in md
-    assert "Val acc picked the oracle's value in 1 of 2 combinations; mean gap 1.00" in md
+    assert f"{words.capitalize()} acc picked the oracle's value in 1 of 2 combinations; mean gap 1.00" in md
     assert f"Skipped, not finished: {UNFINISHED} (unfinished (2/3 epochs))." in md
     assert md in capsys.readouterr().out
     assert not (out / "table.md").exists()
@@ -217,25 +265,37 @@ def test_pick_chooses_by_val_beside_the_test_oracle(tmp_path, capsys):
     assert float(rows["sym20"]["picked_val"]) == 62 and float(rows["sym20"]["oracle_val"]) == 58
     assert float(rows["sym20"]["gap"]) == 2 and (rows["sym50"]["runs_finished"], rows["sym50"]["runs_unfinished"]) \
         == ("5", "1")
+    assert rows["sym20"]["val_split"] == splits[0]
     # The other axes are the rows: picking the setting per forget rate (seeds still averaged).
     assert report.main(["--sweep", str(path), "--pick", "setting", "--out", str(out),
                         "--where", "method.forget_rate=0.2"]) == 0
     assert "| forget_rate0.2 | sym20 | 60.00 | 80.00 | sym20 | 80.00 | 0.00 | 4 |" in (out / "pick.md").read_text()
 
 
-@pytest.mark.parametrize("axis, val_fraction, with_val, message", [
-    ("method.lr", 0.1, True, "--pick method.lr: not an axis of {path}; the sweep's axes: setting, method.forget_rate"),
-    ("train.seed", 0.1, True, "--pick train.seed: seeds are averaged, not picked; the sweep's axes: setting"),
-    ("method.forget_rate", 0.0, False, "--pick needs runs with data.val_fraction > 0 (narrow the sweep with "
-                                       "--where if only some have it): run {dir}/sym20-forget_rate0.2-seed1 has "
-                                       "data.val_fraction = 0.0"),
-    ("method.forget_rate", 0.1, False, "--pick needs runs with data.val_fraction > 0 (narrow the sweep with "
-                                       "--where if only some have it): {dir}/sym20-forget_rate0.2-seed1/"
-                                       "metrics.jsonl has no val_acc1 / val_acc2"),
+NEEDED = ("--pick needs runs with a validation split, a clean one (data.eval_splits with val) or a noisy one "
+          "(data.noisy_val_fraction > 0) (narrow the sweep with --where if only some have one)")
+
+
+@pytest.mark.parametrize("axis, overrides, sym50, splits, message", [
+    ("method.lr", NOISY, None, (), "--pick method.lr: not an axis of {path}; the sweep's axes: setting, "
+                                   "method.forget_rate"),
+    ("train.seed", NOISY, None, (), "--pick train.seed: seeds are averaged, not picked; the sweep's axes: setting"),
+    ("method.forget_rate", {}, None, (), NEEDED + ": run {dir}/sym20-forget_rate0.2-seed1 has neither "
+                                         "(data.eval_splits: [test], data.noisy_val_fraction = 0.0)"),
+    ("method.forget_rate", NOISY, None, (), NEEDED + ": {dir}/sym20-forget_rate0.2-seed1/metrics.jsonl has no "
+                                            "noisy_val_acc1 / noisy_val_acc2 in every row"),
+    ("method.forget_rate", CLEAN, None, ("noisy_val",), NEEDED + ": {dir}/sym20-forget_rate0.2-seed1/metrics.jsonl "
+                                                        "has no val_acc1 / val_acc2 in every row"),
+    # sym20 has a clean split only, sym50 a noisy one only: nothing judges them alike.
+    ("method.forget_rate", CLEAN, {"data.eval_splits": ["test"], **NOISY}, ("val",),
+     "--pick: the runs compared must be judged by the same kind of validation split, but run "
+     "{dir}/sym20-forget_rate0.2-seed1 scores a clean val split without a noisy one (data.noisy_val_fraction = 0) "
+     "and run {dir}/sym50-forget_rate0.2-seed1 only a noisy one (no val in data.eval_splits); narrow the sweep "
+     "with --where"),
 ])
-def test_pick_errors(tmp_path, capsys, axis, val_fraction, with_val, message):
-    path = write_sweep(tmp_path, val_fraction)
-    write_pick_metrics(path, with_val)
+def test_pick_errors(tmp_path, capsys, axis, overrides, sym50, splits, message):
+    path = write_sweep(tmp_path, overrides, sym50)
+    write_pick_metrics(path, splits)
     out = tmp_path / "out"
     assert report.main(["--sweep", str(path), "--pick", axis, "--out", str(out)]) == 2
     err = capsys.readouterr().err

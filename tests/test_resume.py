@@ -3,7 +3,7 @@
 Every interrupted run must end where the uninterrupted run A ends: the same parameters,
 bit for bit, and the same metrics.jsonl rows (time fields aside). Every run here estimates
 its forget rate (method.forget_rate: auto, rows with the estimate and its evidence) and
-holds out a noisy validation split (val_acc in every row): both resume exactly too.
+holds out a noisy validation split (noisy_val_acc in every row): both resume exactly too.
 
 All but one are marked slow (several 2-rank runs each); the quick subset keeps the
 one-process test that a checkpoint carries the noise estimate (a SIGTERM, then resume)."""
@@ -22,7 +22,7 @@ EPOCHS, STEPS = 3, 8
 def _args(data, run_dir, *extra):
     return train_args(data, run_dir, "model.arch=mlp", "train.batch_size=32", f"train.epochs={EPOCHS}",
                       "method.num_gradual=2", "noise.rate=0.4", "checkpoint.every_steps=3", "checkpoint.keep=20",
-                      "method.forget_rate=auto", "data.val_fraction=0.1111", *extra)
+                      "method.forget_rate=auto", "data.noisy_val_fraction=0.1111", *extra)
 
 
 def _final_model(run_dir):
@@ -51,7 +51,7 @@ def run_a(data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run_a")
     run_torchrun(2, _args(data, run_dir))
     rows = metric_rows(run_dir)
-    assert len(rows) == EPOCHS and all(r["val_samples"] == 32 for r in rows)
+    assert len(rows) == EPOCHS and all(r["noisy_val_samples"] == 32 for r in rows)
     assert [("forget_rate_estimate" in r) for r in rows] == [True, True, False]  # num_gradual=2
     return run_dir
 

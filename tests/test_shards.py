@@ -205,8 +205,8 @@ def gpu_route(cfg, data):
     """The GPU-decoding route (packed JPEG bytes from the workers, one batched decode_jpeg in
     a feeder thread), run with the CPU decoder: the only part that needs CUDA is the device."""
     cfg.data.gpu_decode = True  # set after validation, which asks for a CUDA device
-    pool = DecodePool({"train": data.train, "test": data.test}, data.geo, batch=8, workers=2, seed=cfg.train.seed,
-                      skip_bad=cfg.data.on_bad_sample == "skip", device=CPU.device, raw=True)
+    pool = DecodePool({"train": data.train, "test": data.evals["test"].index}, data.geo, batch=8, workers=2,
+                      seed=cfg.train.seed, skip_bad=cfg.data.on_bad_sample == "skip", device=CPU.device, raw=True)
     return stream_loaders(cfg, CPU, data, pool)
 
 
@@ -229,9 +229,9 @@ def test_gpu_decode_route_matches_worker_decoding(tmp_path):
     cfg.noise.type, cfg.noise.rate = "none", 0.0
     cfg.method.forget_rate = 0.2  # the labels are the noisy ones: tau must be given
     plain = build_data(cfg, CPU)
-    raw_train, raw_test, *_ = gpu_route(cfg, open_shards(cfg, CPU))
+    raw_train, raw_evals, *_ = gpu_route(cfg, open_shards(cfg, CPU))
     assert same_batches(epoch_batches(raw_train, 0), epoch_batches(plain.train, 0))
-    assert all(torch.equal(a.x, b.x) for a, b in zip(raw_test, plain.test))
+    assert all(torch.equal(a.x, b.x) for a, b in zip(raw_evals["test"], plain.test))
     rewrite_sample(shards, "train", 5, image=b"\xff\xd8\xff\xe0" + bytes(300))
     cfg.data.on_bad_sample = "skip"
     train = gpu_route(cfg, open_shards(cfg, CPU)).train
@@ -359,7 +359,7 @@ def test_too_few_samples_for_a_global_batch(clean_shards):
     ("data.cache=disk", "data.cache"), ("data.num_workers=-1", "data.num_workers"),
     ("data.on_bad_sample=ignore", "data.on_bad_sample"), ("data.cache_budget_gb=0", "data.cache_budget_gb"),
     ("data.verify=md5", "data.verify"),
-    ("data.eval_split=", "data.eval_split"), ("data.crop_size=300", "data.crop_size"),
+    ("data.eval_splits=[test, test]", "data.eval_splits"), ("data.crop_size=300", "data.crop_size"),
     ("data.resize_size=0", "data.resize_size"), ("data.gpu_decode=maybe", "data.gpu_decode"),
 ])
 def test_config_keys_are_validated(key_value, pattern):

@@ -69,7 +69,7 @@ def test_shipped_sweeps_validate(path):
     assert all(r.cfg.train.epochs == 200 and r.dir.parent == sweep.dir for r in sweep.runs)
     if "method.forget_rate" in sweep.axes:  # tau picked on a validation split: report --pick
         assert len(sweep.runs) == n_settings * len(sweep.axes["method.forget_rate"])
-        assert all(r.cfg.data.val_fraction > 0 and r.cfg.method.name == "jocor" for r in sweep.runs)
+        assert all(r.cfg.data.noisy_val_fraction > 0 and r.cfg.method.name == "jocor" for r in sweep.runs)
         return
     assert len(sweep.runs) == n_settings * 5 * 3
     assert sweep.axes["method.name"] == ["standard", "decoupling", "coteaching", "coteaching_plus", "jocor"]

@@ -1,4 +1,4 @@
-"""data.val_fraction: the noisy validation split is held out of training, the same samples
+"""data.noisy_val_fraction: the noisy validation split is held out of training, the same samples
 for every world size, training seed and source, and nothing changes when it is 0."""
 
 import numpy as np
@@ -20,7 +20,7 @@ def mnist(mnist_data):
 
 
 def cfg(root, fraction, seed=1, **data):
-    return config_from_dict({"data": {"name": "mnist", "root": str(root), "val_fraction": fraction, **data},
+    return config_from_dict({"data": {"name": "mnist", "root": str(root), "noisy_val_fraction": fraction, **data},
                              "noise": {"type": "symmetric", "rate": 0.4}, "train": {"batch_size": 16, "seed": seed}})
 
 
@@ -46,7 +46,7 @@ def test_the_split_is_disjoint_from_training_and_the_same_for_any_world_size(mni
         val, train_eval, trained = set(), set(), set()
         for rank in range(world):
             bundle = build_data(cfg(mnist, 0.25, seed), DistContext(rank=rank, world_size=world))
-            val |= indices(bundle.val)
+            val |= indices(bundle.noisy_val)
             train_eval |= indices(bundle.train_eval)
             trained |= trained_indices(bundle.train)
         assert val == expected, f"world size {world}, seed {seed}"
@@ -57,14 +57,14 @@ def test_the_split_is_disjoint_from_training_and_the_same_for_any_world_size(mni
 
 def test_the_validation_labels_are_the_noisy_ones(mnist):
     bundle = build_data(cfg(mnist, 0.25), DistContext())
-    batches = list(bundle.val)
+    batches = list(bundle.noisy_val)
     y, clean = torch.cat([b.y for b in batches]), torch.cat([b.clean for b in batches])
     assert (y != clean).any() and bundle.noise.type == "symmetric"
 
 
 def test_zero_changes_nothing(mnist):
     bundle = build_data(cfg(mnist, 0.0), DistContext())
-    assert bundle.val is None
+    assert bundle.noisy_val is None
     # The loader the memory source built before the split existed: the whole split, by row.
     from jocor_ddp.data.sources import load_arrays
     arrays = load_arrays("mnist", str(mnist))
@@ -79,8 +79,8 @@ def test_shards_hold_out_the_same_samples_cached_or_streamed(tmp_path):
     expected = set(np.flatnonzero(held_out(96, 0.25)).tolist())
     for cache in ("device", "stream"):
         c = config_from_dict({"data": {"name": "mnist", "source": "shards", "shards": str(shards), "num_workers": 0,
-                                       "cache": cache, "val_fraction": 0.25},
+                                       "cache": cache, "noisy_val_fraction": 0.25},
                               "noise": {"type": "symmetric", "rate": 0.4}, "train": {"batch_size": 8}})
         bundle = build_data(c, DistContext())
-        assert indices(bundle.val) == expected, cache
+        assert indices(bundle.noisy_val) == expected, cache
         assert not indices(bundle.train_eval) & expected and not trained_indices(bundle.train) & expected

@@ -39,7 +39,7 @@ def _build_shards(cfg: Config, ctx: DistContext) -> DataBundle:
     data = open_shards(cfg, ctx)
     cache = choose_cache(cfg, data)
     local = cfg.train.batch_size // ctx.world_size
-    pool = DecodePool({"train": data.train, cfg.data.eval_split: data.test}, data.geo,
+    pool = DecodePool({"train": data.train, **{name: s.index for name, s in data.evals.items()}}, data.geo,
                       batch=local if cache == "stream" else DECODE_BATCH, workers=cfg.data.num_workers,
                       seed=cfg.train.seed, skip_bad=cfg.data.on_bad_sample == "skip", device=ctx.device,
                       raw=cfg.data.gpu_decode and cache == "stream")
@@ -47,10 +47,9 @@ def _build_shards(cfg: Config, ctx: DistContext) -> DataBundle:
     m = data.manifest
     normalization = None if data.geo.native else {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     return DataBundle(name=m.dataset, classes=m.classes, in_channels=data.geo.channels,
-                      image_size=data.geo.side, train=loaders.train, test=loaders.test, noise=data.noise,
-                      train_eval=loaders.train_eval, val=loaders.val, labels_noisy=m.labels == "noisy",
-                      normalization=normalization,
-                      extra={"shards": str(m.root), "cache": cache, "eval_split": cfg.data.eval_split})
+                      image_size=data.geo.side, train=loaders.train, evals=loaders.evals, noise=data.noise,
+                      train_eval=loaders.train_eval, noisy_val=loaders.noisy_val, labels_noisy=m.labels == "noisy",
+                      normalization=normalization, extra={"shards": str(m.root), "cache": cache})
 
 
 def _build_memory(cfg: Config, ctx: DistContext) -> DataBundle:
@@ -59,13 +58,13 @@ def _build_memory(cfg: Config, ctx: DistContext) -> DataBundle:
     test = subset(arrays.test, cfg.data.test_subset)
     # Noise is drawn on the whole training split, before it is divided among ranks.
     noisy, info = make_noisy_labels(cfg.noise, train.labels, arrays.num_classes, cfg.data.name)
-    val = held_out(len(noisy), cfg.data.val_fraction)
-    rows, val_rows = np.flatnonzero(~val), np.flatnonzero(val)
+    held = held_out(len(noisy), cfg.data.noisy_val_fraction)
+    rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
 
     def rows_of(a, r):  # a's rows r; all of them (nothing held out): the array itself, no copy
         return a if len(r) == len(noisy) else a[r]
 
-    def part(r, **kw):  # the training rows or the validation rows, indexed as in the split
+    def part(r, **kw):  # the training rows or the held-out rows, indexed as in the split
         return MemoryEvalLoader(rows_of(train.images, r), rows_of(noisy, r), rank=ctx.rank,
                                 world_size=ctx.world_size, device=ctx.device, clean=rows_of(train.labels, r),
                                 sample_idx=r, **kw)
@@ -81,6 +80,6 @@ def _build_memory(cfg: Config, ctx: DistContext) -> DataBundle:
                                    world_size=ctx.world_size, device=ctx.device)
     _, h, _, c = train.images.shape
     return DataBundle(name=cfg.data.name, classes=arrays.classes, in_channels=c, image_size=h,
-                      train=train_loader, test=test_loader, noise=info,
-                      train_eval=Lazy(lambda: part(rows), len(rows)), val=part(val_rows) if len(val_rows) else None,
-                      normalization=None)
+                      train=train_loader, evals={"test": test_loader}, noise=info,
+                      train_eval=Lazy(lambda: part(rows), len(rows)),
+                      noisy_val=part(held_rows) if len(held_rows) else None, normalization=None)

@@ -48,17 +48,15 @@ def decode_split(cfg: Config, ctx: DistContext, data: ShardData, pool: DecodePoo
 
 def cached_loaders(cfg: Config, ctx: DistContext, data: ShardData, pool: DecodePool) -> Loaders:
     try:
-        train_images, decoded = decode_split(cfg, ctx, data, pool, "train", data.train_keep | data.val_keep)
-        test_images, test_ok = decode_split(cfg, ctx, data, pool, cfg.data.eval_split, data.test_keep)
+        train_images, decoded = decode_split(cfg, ctx, data, pool, "train", data.train_keep | data.noisy_val_keep)
+        evals = {name: decode_split(cfg, ctx, data, pool, name, s.keep) for name, s in data.evals.items()}
     finally:
         pool.close()  # the cache needs no workers from here on
     train_ok = decoded & data.train_keep
-    train_idx, test_idx, val_idx = np.flatnonzero(train_ok), np.flatnonzero(test_ok), np.flatnonzero(decoded & data.val_keep)
-    val_images = train_images[val_idx]
+    train_idx, held_idx = np.flatnonzero(train_ok), np.flatnonzero(decoded & data.noisy_val_keep)
+    held_images = train_images[held_idx]
     if len(train_idx) < len(train_images):  # a copy only when samples were left out
         train_images = train_images[train_idx]
-    if len(test_idx) < len(test_images):
-        test_images = test_images[test_idx]
     bad = data.train_bad + int((data.train_keep & ~train_ok).sum())
     try:
         train = MemoryTrainLoader(train_images, data.noisy[train_idx], data.clean[train_idx],
@@ -69,11 +67,15 @@ def cached_loaders(cfg: Config, ctx: DistContext, data: ShardData, pool: DecodeP
     except ValueError as exc:
         raise DataError(f"{data.manifest.root}: training split: {exc}") from None
     eval_batch = 1000 if data.geo.native else 128
-    test = MemoryEvalLoader(test_images, data.test_labels[test_idx], rank=ctx.rank,
-                            world_size=ctx.world_size, device=ctx.device, batch_size=eval_batch, geo=data.geo)
 
-    def part(images, idx):  # training or validation samples, unaugmented, as Batches
+    def scored(name, images, ok):  # an evaluation split's decoded samples
+        idx = np.flatnonzero(ok)
+        return MemoryEvalLoader(images[idx] if len(idx) < len(images) else images, data.evals[name].labels[idx],
+                                rank=ctx.rank, world_size=ctx.world_size, device=ctx.device, batch_size=eval_batch,
+                                geo=data.geo)
+
+    def part(images, idx):  # training or held-out samples, unaugmented, as Batches
         return MemoryEvalLoader(images, data.noisy[idx], rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
                                 batch_size=eval_batch, clean=data.clean[idx], geo=data.geo, sample_idx=idx)
-    return Loaders(train, test, part(train_images, train_idx),
-                   part(val_images, val_idx) if len(val_idx) else None)
+    return Loaders(train, {name: scored(name, images, ok) for name, (images, ok) in evals.items()},
+                   part(train_images, train_idx), part(held_images, held_idx) if len(held_idx) else None)

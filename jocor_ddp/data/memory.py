@@ -25,7 +25,7 @@ VAL_SEED = 1955
 
 
 def held_out(n: int, fraction: float) -> np.ndarray:
-    """Per sample of the training split: held out as the noisy validation split (data.val_fraction)."""
+    """Per sample of the training split: held out as the noisy validation split (data.noisy_val_fraction)."""
     out = np.zeros(n, dtype=bool)
     out[np.random.default_rng([VAL_SEED, n]).permutation(n)[:int(round(fraction * n))]] = True
     return out

@@ -1,6 +1,7 @@
-"""A verified shard set: the manifest and both splits checked on every rank before the
-first collective (files, sizes, sha256, index, labels), the labels resolved (noise drawn
-once, on the whole split), and the choice between the device cache and the stream."""
+"""A verified shard set: the manifest, the training split and every evaluation split checked
+on every rank before the first collective (files, sizes, sha256, index, labels), the labels
+resolved (noise drawn once, on the whole split), and the choice between the device cache and
+the stream."""
 
 from __future__ import annotations
 
@@ -21,19 +22,25 @@ from .types import EvalLoader, TrainLoader
 # --- the verified shards, labels resolved ---------------------------------------------
 
 @dataclass
+class EvalSplit:
+    """An evaluation split of the shards (data.eval_splits), verified."""
+    index: SplitIndex
+    keep: np.ndarray    # by sample index: in the subset (data.test_subset), not a known bad sample
+    bad: int            # known bad samples left out (data.on_bad_sample: skip)
+    labels: np.ndarray  # by sample index
+
+
+@dataclass
 class ShardData:
     manifest: Manifest
     geo: Geometry
     train: SplitIndex
-    test: SplitIndex
+    evals: dict[str, EvalSplit]  # by name, in the order of data.eval_splits
     train_keep: np.ndarray  # by sample index: in the subset, not a known bad sample, not held out
-    val_keep: np.ndarray    # by sample index: held out as the validation split (data.val_fraction)
-    test_keep: np.ndarray
+    noisy_val_keep: np.ndarray  # by sample index: held out, noisy labels and all (data.noisy_val_fraction)
     train_bad: int          # known bad samples left out (data.on_bad_sample: skip)
-    test_bad: int
     noisy: np.ndarray       # by sample index
     clean: np.ndarray
-    test_labels: np.ndarray
     noise: Optional[NoiseInfo]
 
 
@@ -68,33 +75,33 @@ def _labels(cfg: Config, manifest: Manifest, split: SplitIndex, keep: np.ndarray
 
 
 def open_shards(cfg: Config, ctx: DistContext) -> ShardData:
-    """Verify the manifest and the train and evaluation splits, resolve the labels."""
+    """Verify the manifest, the train split and every evaluation split, resolve the labels."""
     manifest = load_manifest(cfg.data.shards)
     if manifest.dataset != cfg.data.name:
         raise DataError(f"{manifest.root}: holds {manifest.dataset!r} shards, data.name is {cfg.data.name!r}")
     train = verify_split(manifest, "train", cfg.data.verify)
-    test = verify_split(manifest, cfg.data.eval_split, cfg.data.verify)
+    splits = [verify_split(manifest, name, cfg.data.verify) for name in cfg.data.eval_splits]
     c, skip = manifest.num_classes, cfg.data.on_bad_sample == "skip"
     train_keep, train_bad = _usable(train, cfg.data.train_subset, c, skip, ctx)
-    test_keep, test_bad = _usable(test, cfg.data.test_subset, c, skip, ctx)
+    evals = {s.name: EvalSplit(s, *_usable(s, cfg.data.test_subset, c, skip, ctx), s.by_idx("cls")) for s in splits}
     noisy, clean, info = _labels(cfg, manifest, train, train_keep)
-    val = held_out(len(noisy), cfg.data.val_fraction)
-    val_keep = np.zeros_like(train_keep)
-    val_keep[:len(val)] = train_keep[:len(val)] & val
-    return ShardData(manifest, geometry(cfg, manifest), train, test, train_keep & ~val_keep, val_keep, test_keep,
-                     train_bad, test_bad, noisy, clean, test.by_idx("cls"), info)
+    held = held_out(len(noisy), cfg.data.noisy_val_fraction)
+    noisy_val_keep = np.zeros_like(train_keep)
+    noisy_val_keep[:len(held)] = train_keep[:len(held)] & held
+    return ShardData(manifest, geometry(cfg, manifest), train, evals, train_keep & ~noisy_val_keep, noisy_val_keep,
+                     train_bad, noisy, clean, info)
 
 
 def choose_cache(cfg: Config, data: ShardData) -> str:
     if cfg.data.cache != "auto":
         return cfg.data.cache
     h, w = data.geo.stored
-    need = (int(data.train_keep.sum()) + int(data.test_keep.sum())) * data.geo.channels * h * w
-    return "device" if need <= cfg.data.cache_budget_gb * 2**30 else "stream"
+    samples = int(data.train_keep.sum()) + sum(int(s.keep.sum()) for s in data.evals.values())
+    return "device" if samples * data.geo.channels * h * w <= cfg.data.cache_budget_gb * 2**30 else "stream"
 
 
 class Loaders(NamedTuple):
     train: TrainLoader
-    test: EvalLoader
+    evals: dict[str, EvalLoader]  # by name, in the order of data.eval_splits
     train_eval: EvalLoader  # every training sample once, unaugmented, as Batches
-    val: Optional[EvalLoader]  # the held-out samples (data.val_fraction) as Batches, or None
+    noisy_val: Optional[EvalLoader]  # the held-out samples (data.noisy_val_fraction) as Batches, or None

@@ -293,8 +293,9 @@ class StreamTrainLoader(_SplitStream):
 
 
 class StreamEvalLoader(_SplitStream):
-    """Scores a split (the evaluation split, or with ``clean`` the training split for the
-    train_eval pass, yielding ``Batch``es) once: rank r the r-th contiguous share."""
+    """Scores a split (an evaluation split, or with ``clean`` the training split for the
+    train_eval and noisy held-out passes, yielding ``Batch``es) once: rank r the r-th
+    contiguous share."""
     fill = False
 
     def __init__(self, pool: DecodePool, split_name: str, split: SplitIndex, usable: np.ndarray,
@@ -347,8 +348,9 @@ def stream_loaders(cfg, ctx: DistContext, data: ShardData, pool: DecodePool) -> 
     except ValueError as exc:
         raise DataError(f"{data.manifest.root}: training split: {exc}") from None
     local = train.local_batch
-    test = StreamEvalLoader(pool, cfg.data.eval_split, data.test, np.flatnonzero(data.test_keep), data.test_labels,
-                            batch=local, **common)
-    train_eval, val = (StreamEvalLoader(pool, "train", data.train, rows, data.noisy, batch=local, clean=data.clean,
-                                        **common) for rows in (usable, np.flatnonzero(data.val_keep)))
-    return Loaders(train, test, train_eval, val if data.val_keep.any() else None)
+    evals = {name: StreamEvalLoader(pool, name, s.index, np.flatnonzero(s.keep), s.labels, batch=local, **common)
+             for name, s in data.evals.items()}
+    train_eval, noisy_val = (StreamEvalLoader(pool, "train", data.train, rows, data.noisy, batch=local,
+                                              clean=data.clean, **common)
+                             for rows in (usable, np.flatnonzero(data.noisy_val_keep)))
+    return Loaders(train, evals, train_eval, noisy_val if data.noisy_val_keep.any() else None)

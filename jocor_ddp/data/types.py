@@ -95,7 +95,7 @@ class StreamedTrainLoader(TrainLoader, Protocol):
 
 class EvalLoader(Protocol):
     """One pass over a split, every sample once (rank r its r-th share): ``EvalBatch``es, or
-    ``Batch``es for the training split's passes (train_eval, the validation split)."""
+    ``Batch``es for the training split's passes (train_eval, the noisy held-out split)."""
     num_samples: int  # the samples a pass tries to score, over all ranks
     left_out: int     # of those, left out as bad by the latest pass (all ranks; stream, skip)
 
@@ -109,16 +109,18 @@ class DataBundle:
     in_channels: int
     image_size: int
     train: TrainLoader
-    test: EvalLoader
+    # The evaluation splits (data.eval_splits), by name, in that order: every one is scored
+    # after every epoch. "test" is always among them.
+    evals: dict[str, EvalLoader]
     noise: Optional[NoiseInfo] = None
     # The given labels are the noisy ones (Clothing1M's shards): the noise rate is unknown.
     labels_noisy: bool = False
     # A deterministic pass over every training sample (this rank's share), unaugmented, with
     # noisy and clean labels and indices: what evaluate / audit score the training split with.
     train_eval: Optional[EvalLoader] = None
-    # The held-out share of the training split (data.val_fraction), with its noisy labels;
-    # None when nothing is held out.
-    val: Optional[EvalLoader] = None
+    # The held-out share of the training split (data.noisy_val_fraction), with its noisy
+    # labels, scored as noisy_val; None when nothing is held out.
+    noisy_val: Optional[EvalLoader] = None
     # How inputs were normalised after ToTensor (None: not at all), for export.
     normalization: Optional[dict] = None
     extra: dict = field(default_factory=dict)
@@ -128,9 +130,14 @@ class DataBundle:
         return len(self.classes)
 
     @property
-    def held_out(self) -> int:
-        """Training samples held out as the validation split (data.val_fraction)."""
-        return self.val.num_samples if self.val is not None else 0
+    def test(self) -> EvalLoader:
+        """The test split, the one every report judges (data.eval_splits always names it)."""
+        return self.evals["test"]
+
+    @property
+    def noisy_val_samples(self) -> int:
+        """Training samples held out as the noisy validation split (data.noisy_val_fraction)."""
+        return self.noisy_val.num_samples if self.noisy_val is not None else 0
 
     @property
     def meta(self) -> dict:
