@@ -48,6 +48,11 @@ RULE = ("probably_mislabelled = (both networks predict the same class, other tha
         "forget-rate share of all training samples)")
 RULE_NO_HISTORY = ("probably_mislabelled = both networks predict the same class, other than the given "
                    "label (the checkpoint has no kept_history, so the kept-share rule is off)")
+# Epochs that draw a subset (train.steps_per_epoch, train.max_per_class) leave most samples out
+# of most epochs: not kept there says nothing of their labels.
+RULE_SUBSET_EPOCHS = ("probably_mislabelled = both networks predict the same class, other than the given "
+                      "label (the run's epochs draw a subset of the training split, train.steps_per_epoch / "
+                      "train.max_per_class, so a sample not kept may not have been drawn: the kept-share rule is off)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -168,6 +173,9 @@ def audit(args: argparse.Namespace) -> dict:
     cols = score_train(r)
     n = cols["given"].shape[0]
     share, window = history_share(r.state.history, r.path, n)
+    subset_epochs = bool(r.cfg.train.steps_per_epoch or r.cfg.train.max_per_class)
+    if subset_epochs:
+        share, window = None, 0
     tau = r.state.final_tau  # the run's tau, as the trainer decided and estimated it
     scored = cols["scored"]
     flags = flag_samples(cols["given"], cols["pred1"], cols["pred2"], cols["loss"], share, tau) & scored
@@ -184,7 +192,8 @@ def audit(args: argparse.Namespace) -> dict:
     summary = {
         "checkpoint": str(r.path), "dataset": r.data.name, "samples": int(scored.sum()),
         "left_out_bad": int(n - scored.sum()), "flagged": int(flags.sum()),
-        "rule": RULE if share is not None else RULE_NO_HISTORY, "forget_rate": tau,
+        "rule": RULE if share is not None else RULE_SUBSET_EPOCHS if subset_epochs else RULE_NO_HISTORY,
+        "forget_rate": tau,
         "co_lambda": r.cfg.method.co_lambda, "kept_share_epochs": window, "classes": r.meta["classes"],
         "quality": quality,
     }

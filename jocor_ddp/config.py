@@ -75,7 +75,7 @@ NOT_EVAL_SPLITS = ("train", NOISY_VAL)
 
 def _eval_splits(key: str, splits: list[str], source: str) -> None:
     if not splits:
-        raise ConfigError(f"{key}: must name at least test")
+        raise ConfigError(f"{key}: must name at least one split (test, val, ...)")
     for name in splits:
         if not name or "/" in name:
             raise ConfigError(f"{key}: {name!r} is not a split name (test, val, ...)")
@@ -85,9 +85,9 @@ def _eval_splits(key: str, splits: list[str], source: str) -> None:
             raise ConfigError(f"{key}: {name!r} {why}, not an evaluation split")
         if splits.count(name) > 1:
             raise ConfigError(f"{key}: {name!r} is named twice")
+    # A list without test trains (an ImageFolder set of train and val); report, which judges
+    # test accuracy, then says the run scored no test split.
     listed = f"[{', '.join(splits)}]"
-    if "test" not in splits:
-        raise ConfigError(f"{key}: {listed} must include test, the split every report judges")
     if source == "memory" and splits != ["test"]:
         raise ConfigError(f"{key}: the memory source has only test; use data.source: shards for {listed}")
 
@@ -136,9 +136,9 @@ class DataConfig:
     # off the training stream); the workers then only read and check the bytes.
     gpu_decode: bool = False
     # The splits scored after every epoch, in this order, each logged under its own name
-    # (SPLIT_acc1, SPLIT_acc2, SPLIT_samples). Must include test, the split every report
-    # judges; Clothing1M's shards also have val, clean labels: [val, test]. The memory
-    # source has only test.
+    # (SPLIT_acc1, SPLIT_acc2, SPLIT_samples). report judges test accuracy, so name test
+    # where the data has one; Clothing1M's shards also have val, clean labels: [val, test].
+    # The memory source has only test.
     eval_splits: list[str] = field(default_factory=lambda: ["test"])
     # sha256: hash every shard on every rank before training; size: check sizes only.
     verify: str = "sha256"
@@ -498,7 +498,7 @@ def upgrade_config(tree: dict) -> dict:
     """A config dict in today's names, from one that may use earlier ones: a checkpoint's or a
     run folder's config.yaml written before the renames, or a YAML file or override written
     for them. ``data.eval_split: X`` (then the only split scored) becomes ``data.eval_splits:
-    [X, test]`` (test is always scored now); ``data.val_fraction`` becomes
+    [X]`` (what an earlier run scored, it scores when continued); ``data.val_fraction`` becomes
     ``data.noisy_val_fraction``, the same samples. An old name beside its new one is an error.
     The one place old names are read: load_config and config_from_dict call it; ``tree`` is
     not changed. (A run folder's metrics.jsonl rows are renamed by runfolder.read_metrics.)"""
@@ -511,7 +511,7 @@ def upgrade_config(tree: dict) -> dict:
             raise ConfigError(f"data.{old}: the earlier name of data.{new}; give only data.{new}")
     if "eval_split" in data:
         split = data.pop("eval_split")
-        data["eval_splits"] = [split] if split == "test" else [split, "test"]
+        data["eval_splits"] = [split]
     if "val_fraction" in data:
         data["noisy_val_fraction"] = data.pop("val_fraction")
     return {**tree, "data": data}

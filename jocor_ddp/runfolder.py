@@ -73,6 +73,8 @@ def read_metrics(path: str | Path) -> Metrics:
             if error and scored != "test":
                 error += (f" (its {CONFIG} says data.eval_split: {scored}: the run scored {scored}, logged as "
                           f"{scored}_acc1 / {scored}_acc2, and never test)")
+            elif error and any(k.endswith("_acc1") for k in row):
+                error += " (the run scored no test split: data.eval_splits in its config.yaml names none)"
             if isinstance(row.get("epoch"), (int, float)):
                 rows[int(row["epoch"])] = row
         problem = problem or (error and f"{path}, line {n}: {error}")

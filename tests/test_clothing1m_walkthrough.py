@@ -93,7 +93,8 @@ def run(command: str, env: dict, nodes: int = 1) -> list[str]:
 
 
 def test_the_clothing1m_page_from_the_release_to_a_test_accuracy(tmp_path):
-    make_clothing1m(tmp_path / "release", n_train=48, n_val=10, n_test=12, n_clean_train=8)
+    # 288 training images: 20 a class, the least method.forget_rate: auto estimates from.
+    make_clothing1m(tmp_path / "release", n_train=288, n_val=10, n_test=12, n_clean_train=8)
     folders = {"RELEASE": tmp_path / "release", "SHARDS": tmp_path / "shards", "RUN": tmp_path / "runs" / "c1m"}
     env = child_env(HEAD="127.0.0.1", **{k: str(v) for k, v in folders.items()})
     env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"  # python and torchrun of this venv
@@ -110,7 +111,7 @@ def test_the_clothing1m_page_from_the_release_to_a_test_accuracy(tmp_path):
     said = "\n".join(out.values())
 
     # Both splits scored every epoch, named on the start-up and epoch lines and in metrics.jsonl.
-    assert re.search(r"\(48 train / 10 val / 12 test\)", said), said
+    assert re.search(r"\(288 train / 10 val / 12 test\)", said), said
     rows = metric_rows(folders["RUN"])
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["steps"] == 2 for r in rows)
     assert all(r["val_samples"] == 10 and r["test_samples"] == 12 for r in rows)
@@ -119,8 +120,18 @@ def test_the_clothing1m_page_from_the_release_to_a_test_accuracy(tmp_path):
     # The report's headline: the test accuracy at the best validation epoch, by hand.
     mean = lambda r, s: (r[f"{s}_acc1"] + r[f"{s}_acc2"]) / 2  # noqa: E731
     best = max(rows, key=lambda r: mean(r, "val"))
-    report = json.loads((folders["RUN"] / "report" / "report.json").read_text())
-    summary = report["runs"][0] if "runs" in report else report[0]
+    summary = json.loads((folders["RUN"] / "report" / "report.json").read_text())[0]
+    assert summary["val_split"] == "val" and summary["best_val_epoch"] == best["epoch"]
     assert summary["test_acc_at_best_val"] == pytest.approx(mean(best, "test"))
+    assert "best by val_acc" in said  # export judged the networks by the clean val split
     assert (folders["RUN"] / "clothing1m.pt").is_file() and (folders["RUN"] / "audit.csv").is_file()
-    assert "pick" in said.lower() and (tmp_path / "sweep").is_dir()
+    # Its epochs drew 16 of 288 samples: not kept there says nothing, so the audit's kept-share rule is off.
+    audited = json.loads((folders["RUN"] / "audit.json").read_text())
+    assert audited["kept_share_epochs"] == 0 and "draw a subset of the training split" in audited["rule"]
+
+    # The sweep's pick: the tau whose run has the best last-10 mean clean val accuracy, by hand.
+    last = {tau: metric_rows(tmp_path / "sweep" / f"forget_rate{tau}") for tau in ("0.2", "0.3", "0.4")}
+    by_val = {tau: sum(mean(r, "val") for r in rows[-10:]) / len(rows[-10:]) for tau, rows in last.items()}
+    picked = max(by_val, key=by_val.get)  # the first of equals, in the axis order
+    pick = (tmp_path / "sweep" / "report" / "pick.md").read_text()
+    assert "(the clean validation split)" in pick and f"| all | forget_rate{picked} | " in pick

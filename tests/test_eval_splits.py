@@ -138,9 +138,20 @@ def test_an_earlier_run_that_scored_val_has_no_test_and_says_so(tmp_path, capsys
     assert (f"{OLD / 'eval_val' / METRICS}, line 1: no number for test_acc1, test_acc2 (its config.yaml says "
             "data.eval_split: val: the run scored val, logged as val_acc1 / val_acc2, and never test)") \
         in capsys.readouterr().err
-    # Its config reads in today's names: val was the only split then, test is always scored now.
+    # Its config reads in today's names: val was the only split scored, and still is when continued.
     data = config_from_dict(yaml.safe_load((OLD / "eval_val" / CONFIG).read_text())).data
-    assert (data.eval_splits, data.noisy_val_fraction) == (["val", "test"], 0.25)
+    assert (data.eval_splits, data.noisy_val_fraction) == (["val"], 0.25)
+
+
+def test_a_run_without_a_test_split_trains_and_report_says_why_it_cannot_judge_it(tmp_path, capsys):
+    """An ImageFolder set of train and val alone: eval_splits [val] is valid; report names the gap."""
+    assert config_from_dict({"data": {"source": "shards", "shards": "S", "eval_splits": ["val"]}}).data.eval_splits \
+        == ["val"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / METRICS).write_text(json.dumps({"epoch": 1, "val_acc1": 50.0, "val_acc2": 40.0, "val_samples": 6}) + "\n")
+    assert report.main([str(run), "--out", str(tmp_path / "out"), "--no-plots"]) == 2
+    assert "line 1: no number for test_acc1, test_acc2 (the run scored no test split" in capsys.readouterr().err
 
 
 def test_a_run_continued_by_this_version_renames_its_rows_once(tmp_path):
