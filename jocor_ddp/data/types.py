@@ -110,7 +110,7 @@ class DataBundle:
     image_size: int
     train: TrainLoader
     # The evaluation splits (data.eval_splits), by name, in that order: every one is scored
-    # after every epoch. "test" is always among them.
+    # after every epoch.
     evals: dict[str, EvalLoader]
     noise: Optional[NoiseInfo] = None
     # The given labels are the noisy ones (Clothing1M's shards): the noise rate is unknown.
@@ -131,7 +131,7 @@ class DataBundle:
 
     @property
     def test(self) -> EvalLoader:
-        """The test split, the one every report judges (data.eval_splits always names it)."""
+        """The test split, the one every report judges (KeyError where data.eval_splits names none)."""
         return self.evals["test"]
 
     @property
