@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "clothing1m", "imagefolder")
 MODELS = ("mlp", "cnn", "resnet18", "resnet34", "resnet50")
-NOISE_TYPES = ("symmetric", "pairflip", "asymmetric", "none", "file")
+NOISE_TYPES = ("symmetric", "pairflip", "asymmetric", "instance", "none", "file")
 FORGET_RATE_WORDS = ("auto",)  # method.forget_rate besides a number
 SELECTIONS = ("global", "local")
 SOURCES = ("memory", "shards")
@@ -184,9 +184,12 @@ class DataConfig:
 @dataclass
 class NoiseConfig:
     # How the training labels are corrupted (drawn once, on the whole split): see
-    # docs/training.md, Noise; none: the labels as given; file: per-sample labels from noise.file.
+    # docs/training.md, Noise; instance: instance-dependent (part-dependent) noise, drawn
+    # from the images (MNIST, Fashion-MNIST, CIFAR); none: the labels as given; file:
+    # per-sample labels from noise.file.
     type: str = "symmetric"
-    # The share of labels corrupted (for asymmetric: the flip rate of the affected classes).
+    # The share of labels corrupted (for asymmetric: the flip rate of the affected classes;
+    # for instance: the mean of the per-sample flip rates, before their truncation to [0, 1]).
     rate: float = 0.5
     # Fixed, whatever the training seed: the reference always corrupts with seed 0.
     seed: int = 0

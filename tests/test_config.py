@@ -10,6 +10,7 @@ from jocor_ddp.schedule import ForgetRate, decide_forget_rate
 BAD = [
     (["noise.rate=1.0"], r"noise\.rate: 1\.0 is outside \[0\.0, 1\.0\)"),
     (["noise.rate=-0.1"], r"noise\.rate"),
+    (["noise.type=instance", "noise.rate=1.0"], r"noise\.rate: 1\.0 is outside \[0\.0, 1\.0\)"),
     (["noise.type=gaussian"], r"noise\.type: 'gaussian' is not one of 'symmetric', 'pairflip'"),
     (["data.name=imagenet"], r"data\.name: 'imagenet' is not one of 'fashion-mnist', 'mnist'"),
     (["model.arch=vgg16"], r"model\.arch: 'vgg16' is not one of 'mlp', 'cnn', 'resnet18'"),

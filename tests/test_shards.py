@@ -107,6 +107,66 @@ def test_device_cache_equals_memory_source(clean_shards):
     assert memory.test.num_samples == shards.test.num_samples == 30
 
 
+def test_instance_noise_is_the_same_labels_from_every_source_and_world_size(clean_shards):
+    """Instance noise needs every training image: the memory source's arrays, the shards
+    decoded once before training (the device cache and the stream, any workers), under one
+    rank or two: the same labels, the same noise.json, the same batches."""
+    raw = clean_shards.parent / "raw"
+    base = {"train": {"batch_size": 16, "seed": 5}, "noise": {"type": "instance", "rate": 0.4},
+            "data": {"name": "mnist", "train_subset": 80, "noisy_val_fraction": 0.1}}
+    def trained_labels(train):  # (sample indices trained on, their noisy labels)
+        idx = train.sample_idx_np if train.resident else train.usable
+        noisy = train.noisy.cpu().numpy()
+        return idx, noisy if train.resident else noisy[idx]
+
+    memory = build_data(config_from_dict({**base, "data": {**base["data"], "root": str(raw)}}), CPU)
+    idx, labels = trained_labels(memory.train)
+    assert len(idx) == 72 and (labels != memory.train.clean.numpy()).any()
+    assert 0.3 < memory.noise.actual_rate < 0.5 and memory.noise.transition is None
+    for cache, workers, rank, world in (("device", 0, 0, 1), ("stream", 2, 0, 1), ("stream", 0, 1, 2),
+                                        ("device", 2, 1, 2)):
+        shards = {**base["data"], "source": "shards", "shards": str(clean_shards), "cache": cache,
+                  "num_workers": workers}
+        bundle = build_data(config_from_dict({**base, "data": shards}), DistContext(rank=rank, world_size=world))
+        assert bundle.noise.to_dict() == memory.noise.to_dict(), (cache, workers, world)
+        got_idx, got = trained_labels(bundle.train)
+        assert np.array_equal(got_idx, idx) and np.array_equal(got, labels), (cache, workers, world)
+        if world == 1 and cache == "device":
+            assert same_batches(epoch_batches(memory.train, 1), epoch_batches(bundle.train, 1))
+
+
+def test_instance_noise_and_an_image_that_does_not_decode(clean_shards, shards):
+    """The training images are decoded before any label is drawn: a bad one stops the run
+    there (the file and sample named), or, skipped, leaves every other sample's label as it was."""
+    def labels(folder, **data):
+        cfg = cfg_for(folder, num_workers=2, **data)
+        cfg.noise.type = "instance"
+        return open_shards(cfg, CPU).noisy
+    before = labels(clean_shards)
+    path = rewrite_sample(shards, "train", 40, image=undecodable_png())
+    with pytest.raises(DataError, match=rf"{path} sample {key(40)}: the image does not decode"):
+        labels(shards)
+    after = labels(shards, on_bad_sample="skip")
+    assert np.array_equal(np.delete(after, 40), np.delete(before, 40))
+
+
+def test_instance_noise_needs_images_of_one_size(tmp_path):
+    from jocor_ddp.prepare import prepare
+    from shard_fixtures import make_imagefolder
+    make_imagefolder(tmp_path / "raw", per_class={"train": 2, "test": 1})
+    prepare("imagefolder", str(tmp_path / "raw"), str(tmp_path / "folder"), shard_size=4)
+    cfg = cfg_for(tmp_path / "folder", dataset="imagefolder", resize_size=36, crop_size=32)
+    cfg.noise.type = "instance"
+    with pytest.raises(ConfigError, match=r"^noise.type: instance needs images of one fixed size \(MNIST, CIFAR\); "
+                                          r"imagefolder's images vary in size$"):
+        open_shards(cfg, CPU)
+    c1m, _ = clothing1m_shards(tmp_path / "c1m", n_train=4, n_val=1, n_test=1, shard_size=4)
+    cfg = cfg_for(c1m, dataset="clothing1m", resize_size=36, crop_size=32)
+    cfg.noise.type = "instance"
+    with pytest.raises(ConfigError, match=r"^noise.type: clothing1m's labels are already noisy"):
+        open_shards(cfg, CPU)
+
+
 def stream_and_cache(cfg_base: dict, epoch: int = 1):
     got = {}
     for cache in ("device", "stream"):

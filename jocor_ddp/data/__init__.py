@@ -29,11 +29,11 @@ def _build_shards(cfg: Config, ctx: DistContext) -> DataBundle:
     """Verified shards, read by offset in persistent decoding workers, and fed from the
     device cache or streamed (data.cache)."""
     # Imported here: the memory source needs neither webdataset nor torchvision.io.
-    from .cache import DECODE_BATCH, cached_loaders
+    from .cache import cached_loaders
     from .place import IMAGENET_MEAN, IMAGENET_STD
     from .shardset import choose_cache, open_shards
     from .stream import stream_loaders
-    from .workers import DecodePool
+    from .workers import DECODE_BATCH, DecodePool
     if cfg.data.gpu_decode and ctx.device.type != "cuda":
         raise ConfigError("data.gpu_decode: needs a CUDA training device (train.device)")
     data = open_shards(cfg, ctx)
@@ -57,7 +57,7 @@ def _build_memory(cfg: Config, ctx: DistContext) -> DataBundle:
     train = subset(arrays.train, cfg.data.train_subset)
     test = subset(arrays.test, cfg.data.test_subset)
     # Noise is drawn on the whole training split, before it is divided among ranks.
-    noisy, info = make_noisy_labels(cfg.noise, train.labels, arrays.num_classes, cfg.data.name)
+    noisy, info = make_noisy_labels(cfg.noise, train.labels, arrays.num_classes, cfg.data.name, train.images)
     held = held_out(len(noisy), cfg.data.noisy_val_fraction)
     rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
 

@@ -10,13 +10,11 @@ import numpy as np
 
 from ..config import Config
 from ..dist import DistContext
-from ..progress import Progress, progress_enabled
+from ..progress import progress_enabled
 from .memory import MemoryEvalLoader, MemoryTrainLoader
 from .shardset import Loaders, ShardData
-from .sources import DataError, warn
-from .workers import DecodePool, Job, positions_in_batches
-
-DECODE_BATCH = 64
+from .sources import DataError
+from .workers import DecodePool, decoded
 
 
 def decode_split(cfg: Config, ctx: DistContext, data: ShardData, pool: DecodePool, name: str,
@@ -27,33 +25,21 @@ def decode_split(cfg: Config, ctx: DistContext, data: ShardData, pool: DecodePoo
     images = np.zeros((split.samples, h, w, data.geo.channels), dtype=np.uint8)
     ok = np.zeros(split.samples, dtype=bool)
     positions = np.flatnonzero(keep[split.rows["idx"]])  # shard order: each worker reads its shards' files
-    bar = Progress(len(positions), f"decode {name}", progress_enabled(cfg.log.progress, ctx.is_main))
-    done, bad = 0, []
-    for r in pool.run(Job(name, p) for p in positions_in_batches(positions, DECODE_BATCH)):
-        if r.error:
-            raise DataError(r.error)
-        n = len(r.idx)
-        images[r.idx[r.ok]] = pool.ring.pixels[r.slot, :n][r.ok].permute(0, 2, 3, 1).numpy()
-        ok[r.idx[r.ok]] = True
-        bad += r.bad
-        pool.release(r)
-        done += n
-        bar.update(done)
-    bar.close()
-    if bad and ctx.is_main:
-        warn(f"left out {len(bad)} sample(s) of split {name!r} that do not decode "
-             f"(data.on_bad_sample=skip); the first: {bad[0]}")
+    for idx, views in decoded(pool, name, positions, progress=progress_enabled(cfg.log.progress, ctx.is_main),
+                              main=ctx.is_main):
+        images[idx] = views
+        ok[idx] = True
     return images, ok
 
 
 def cached_loaders(cfg: Config, ctx: DistContext, data: ShardData, pool: DecodePool) -> Loaders:
     try:
-        train_images, decoded = decode_split(cfg, ctx, data, pool, "train", data.train_keep | data.noisy_val_keep)
+        train_images, train_decoded = decode_split(cfg, ctx, data, pool, "train", data.train_keep | data.noisy_val_keep)
         evals = {name: decode_split(cfg, ctx, data, pool, name, s.keep) for name, s in data.evals.items()}
     finally:
         pool.close()  # the cache needs no workers from here on
-    train_ok = decoded & data.train_keep
-    train_idx, held_idx = np.flatnonzero(train_ok), np.flatnonzero(decoded & data.noisy_val_keep)
+    train_ok = train_decoded & data.train_keep
+    train_idx, held_idx = np.flatnonzero(train_ok), np.flatnonzero(train_decoded & data.noisy_val_keep)
     held_images = train_images[held_idx]
     if len(train_idx) < len(train_images):  # a copy only when samples were left out
         train_images = train_images[train_idx]

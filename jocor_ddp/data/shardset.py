@@ -1,7 +1,7 @@
 """A verified shard set: the manifest, the training split and every evaluation split checked
 on every rank before the first collective (files, sizes, sha256, index, labels), the labels
-resolved (noise drawn once, on the whole split), and the choice between the device cache and
-the stream."""
+resolved (noise drawn once, on the whole split; instance noise decodes the training split once
+for it), and the choice between the device cache and the stream."""
 
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import numpy as np
+import torch
 
 from ..config import Config, ConfigError
 from ..dist import DistContext
-from ..noise import NoiseInfo, make_noisy_labels
+from ..noise import ImageChunks, NoiseInfo, make_noisy_labels
+from ..progress import progress_enabled
 from .memory import held_out
 from .place import Geometry, geometry
 from .shards import Manifest, SplitIndex, load_manifest, verify_split
 from .sources import DataError, warn
 from .types import EvalLoader, TrainLoader
+from .workers import DECODE_BATCH, DecodePool, decoded
 
 # --- the verified shards, labels resolved ---------------------------------------------
 
@@ -59,7 +62,7 @@ def _usable(split: SplitIndex, limit: Optional[int], num_classes: int, skip: boo
     return keep, len(bad)
 
 
-def _labels(cfg: Config, manifest: Manifest, split: SplitIndex, keep: np.ndarray):
+def _labels(cfg: Config, ctx: DistContext, manifest: Manifest, geo: Geometry, split: SplitIndex, keep: np.ndarray):
     n = min(cfg.data.train_subset or split.samples, split.samples)
     cls, clean = split.by_idx("cls")[:n], split.by_idx("clean")[:n]
     if manifest.labels == "noisy":
@@ -68,10 +71,30 @@ def _labels(cfg: Config, manifest: Manifest, split: SplitIndex, keep: np.ndarray
                               f"noise.type=none noise.rate=0 (tau is then estimated: method.forget_rate auto)")
         return cls, clean, None  # no synthetic noise: the trainer estimates tau unless it is set
     # Labels left out as bad are drawn as class 0: each sample's noisy label depends on its
-    # own clean label and its own uniform only, so every other sample's is unchanged.
+    # own clean label and its own uniform only (and its own image), so every other sample's
+    # is unchanged.
     safe = np.where(keep[:n], cls, 0)
-    noisy, info = make_noisy_labels(cfg.noise, safe, manifest.num_classes, manifest.dataset)
+    images, features = None, None
+    if cfg.noise.type == "instance":
+        if not geo.native:
+            raise ConfigError(f"noise.type: instance needs images of one fixed size (MNIST, CIFAR); "
+                              f"{manifest.dataset}'s images vary in size")
+        images, features = _training_images(cfg, ctx, geo, split, n), geo.channels * geo.native[0] * geo.native[1]
+    noisy, info = make_noisy_labels(cfg.noise, safe, manifest.num_classes, manifest.dataset, images, features)
     return noisy, safe, info
+
+
+def _training_images(cfg: Config, ctx: DistContext, geo: Geometry, split: SplitIndex, n: int) -> ImageChunks:
+    """The first n training samples decoded once, in chunks, for instance noise: the stored
+    views the memory source holds (MNIST and CIFAR shards are lossless PNGs of its pixels).
+    Every rank decodes them all, through workers of its own, gone once the labels are drawn."""
+    pool = DecodePool({"train": split}, geo, batch=DECODE_BATCH, workers=cfg.data.num_workers,
+                      seed=0, skip_bad=cfg.data.on_bad_sample == "skip", device=torch.device("cpu"))
+    try:  # positions in shard order: each worker reads its shards' files
+        yield from decoded(pool, "train", np.flatnonzero(split.rows["idx"] < n),
+                           progress=progress_enabled(cfg.log.progress, ctx.is_main), main=ctx.is_main)
+    finally:
+        pool.close()
 
 
 def open_shards(cfg: Config, ctx: DistContext) -> ShardData:
@@ -84,11 +107,12 @@ def open_shards(cfg: Config, ctx: DistContext) -> ShardData:
     c, skip = manifest.num_classes, cfg.data.on_bad_sample == "skip"
     train_keep, train_bad = _usable(train, cfg.data.train_subset, c, skip, ctx)
     evals = {s.name: EvalSplit(s, *_usable(s, cfg.data.test_subset, c, skip, ctx), s.by_idx("cls")) for s in splits}
-    noisy, clean, info = _labels(cfg, manifest, train, train_keep)
+    geo = geometry(cfg, manifest)
+    noisy, clean, info = _labels(cfg, ctx, manifest, geo, train, train_keep)
     held = held_out(len(noisy), cfg.data.noisy_val_fraction)
     noisy_val_keep = np.zeros_like(train_keep)
     noisy_val_keep[:len(held)] = train_keep[:len(held)] & held
-    return ShardData(manifest, geometry(cfg, manifest), train, evals, train_keep & ~noisy_val_keep, noisy_val_keep,
+    return ShardData(manifest, geo, train, evals, train_keep & ~noisy_val_keep, noisy_val_keep,
                      train_bad, noisy, clean, info)
 
 

@@ -26,13 +26,15 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from ..progress import Progress
 from .decode import decode
 from .place import Geometry, crop_params
 from .shards import ShardReader, SplitIndex
-from .sources import DataError
+from .sources import DataError, warn
 
 SLOTS_PER_WORKER = 3  # one being consumed, two being filled
 POLL_S = 1.0          # how often a waiting process checks that its peer is alive
+DECODE_BATCH = 64     # samples per job of a one-time decode (the device cache, instance noise)
 
 
 @dataclass
@@ -313,3 +315,24 @@ def positions_in_batches(positions: np.ndarray, batch: int) -> Iterator[np.ndarr
     for lo in range(0, len(positions), batch):
         yield positions[lo:lo + batch]
 
+
+
+def decoded(pool: DecodePool, name: str, positions: np.ndarray, *, progress: bool,
+            main: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each sample at ``positions`` of a split decoded once, a job at a time: (the decoded
+    samples' indices, their stored views NHWC), the views valid until the next chunk. A bad
+    image is a DataError, or with the pool's skip_bad left out (``main`` warns once)."""
+    bar = Progress(len(positions), f"decode {name}", progress)
+    done, bad = 0, []
+    for r in pool.run(Job(name, p) for p in positions_in_batches(positions, pool.ring.hwc.shape[1])):
+        if r.error:
+            raise DataError(r.error)
+        yield r.idx[r.ok], pool.ring.hwc[r.slot, :len(r.idx)][r.ok].numpy()
+        bad += r.bad
+        pool.release(r)
+        done += len(r.idx)
+        bar.update(done)
+    bar.close()
+    if bad and main:
+        warn(f"left out {len(bad)} sample(s) of split {name!r} that do not decode "
+             f"(data.on_bad_sample=skip); the first: {bad[0]}")
