@@ -43,6 +43,10 @@ class AutoForgetRate:
         self.estimate: Optional[float] = None   # the latest decided estimate
         self.last_epoch = max(method.num_gradual, 1) - 1  # 0-based epoch of the final estimate
         self.final = False
+        # Set by estimate_noise: also gather the pair's mean softmax, and keep the latest pass's
+        # gathered evidence here (the transition-matrix estimates read it).
+        self.probs = False
+        self.evidence: Optional[dict] = None
 
     @property
     def tau(self) -> float:
@@ -56,17 +60,14 @@ class AutoForgetRate:
         """Whether the end of (0-based) epoch ``epoch`` is estimated."""
         return not self.final and epoch <= self.last_epoch
 
-    def observe(self, ctx: DistContext, epoch: int, evidence: Iterable[dict]) -> dict:
-        """Estimate from this rank's per-batch evidence (``noise_rate.sample_evidence`` plus
-        ``idx``), gathered from every rank; returns the metrics row's fields. A collective."""
-        parts = list(evidence)
-        mine = {key: np.concatenate([p[key] for p in parts]) if parts else np.zeros(0)
-                for key in ("idx", "pred", "score", "label", "against")}
-        gathered = all_gather_objects(ctx, mine)
-        merged = {key: np.concatenate([g[key] for g in gathered]) for key in mine}
-        order = np.argsort(merged["idx"], kind="stable")  # by sample index: any world size alike
-        est = estimate_noise_rate(merged["pred"][order].astype(np.int64), merged["score"][order],
-                                  merged["label"][order], merged["against"][order], self.num_classes)
+    def observe(self, ctx: DistContext, epoch: int, scored: Iterable[tuple]) -> dict:
+        """Estimate from this rank's scored batches (``score_evidence``), gathered from every
+        rank; returns the metrics row's fields. A collective."""
+        ev = gather_evidence(ctx, scored, self.num_classes, probs=self.probs)
+        if self.probs:
+            self.evidence = ev
+        est = estimate_noise_rate(ev["pred"].astype(np.int64), ev["score"], ev["label"], ev["against"],
+                                  self.num_classes)
         self.final = epoch >= self.last_epoch
         if est.rate is not None:
             self.estimate = est.rate
@@ -102,11 +103,32 @@ class AutoForgetRate:
         self.estimate, self.final = state.get("estimate"), state.get("final", False)
 
 
-def score_evidence(batches: Iterable, score: Callable) -> Iterable[dict]:
+EVIDENCE = ("idx", "pred", "score", "label", "against")  # and "probs" when asked
+
+
+def score_evidence(batches: Iterable, score: Callable) -> Iterable[tuple]:
     """Per batch of the training split's unaugmented pass: ``score(x)`` gives the two
-    networks' logits; yields the per-sample evidence with the samples' indices."""
+    networks' logits; yields (sample indices, logits1, logits2, labels), which
+    ``gather_evidence`` reduces to the evidence it is asked for before the next batch."""
     for batch in batches:
         logits1, logits2 = score(batch.x)
-        ev = sample_evidence(logits1, logits2, batch.y)
-        ev["idx"] = batch.idx.cpu().numpy()
-        yield ev
+        yield batch.idx, logits1, logits2, batch.y
+
+
+def gather_evidence(ctx: DistContext, scored: Iterable[tuple], num_classes: int, probs: bool = False) -> dict:
+    """Every rank's per-sample evidence (``noise_rate.sample_evidence``, with the pair's mean
+    softmax where ``probs``) and indices, sorted by sample index. A collective."""
+    keys = EVIDENCE + (("probs",) if probs else ())
+    parts = [dict(sample_evidence(logits1, logits2, labels, probs=probs), idx=idx.cpu().numpy())
+             for idx, logits1, logits2, labels in scored]
+    mine = {key: np.concatenate([p[key] for p in parts]) if parts
+            else np.zeros((0, num_classes) if key == "probs" else 0) for key in keys}
+    return merge_evidence(all_gather_objects(ctx, mine))
+
+
+def merge_evidence(gathered: list[dict]) -> dict:
+    """The ranks' evidence (in rank order) as one set, sorted by sample index: any world size,
+    any split of the samples among ranks, gives the same arrays."""
+    merged = {key: np.concatenate([g[key] for g in gathered]) for key in gathered[0]}
+    order = np.argsort(merged["idx"], kind="stable")
+    return {key: value[order] for key, value in merged.items()}

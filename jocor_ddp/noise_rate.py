@@ -26,6 +26,7 @@ same number from the same predictions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -69,16 +70,35 @@ def log_odds(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     return zc - rest
 
 
-def sample_evidence(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor) -> dict:
+def sample_evidence(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor, probs: bool = False) -> dict:
     """Per sample of a batch: the pair's prediction, its confidence, and whether both
-    networks predict against the given label; on the CPU, as numpy arrays."""
+    networks predict against the given label; on the CPU, as numpy arrays. With ``probs``
+    also the pair's mean softmax in float64 (``probs``, samples x classes: what the
+    transition-matrix estimates of ``transition.py`` read), only when asked: it is C values a
+    sample to copy and gather, where the rest is four."""
     logp = torch.logaddexp(torch.log_softmax(logits1.double(), 1), torch.log_softmax(logits2.double(), 1))
     pred = logp.argmax(1)
     score = torch.minimum(log_odds(logits1, pred), log_odds(logits2, pred))
     a1, a2 = logits1.argmax(1), logits2.argmax(1)
     against = (a1 == a2) & (a1 != labels)
-    return {"pred": pred.cpu().numpy(), "score": score.cpu().numpy(),
-            "label": labels.cpu().numpy(), "against": against.cpu().numpy()}
+    ev = {"pred": pred.cpu().numpy(), "score": score.cpu().numpy(),
+          "label": labels.cpu().numpy(), "against": against.cpu().numpy()}
+    if probs:  # logp is log(p1 + p2): the mean is half its exponential
+        ev["probs"] = (logp - math.log(2.0)).exp().cpu().numpy()
+    return ev
+
+
+def class_anchors(pred: np.ndarray, score: np.ndarray, num_classes: int,
+                  anchor_share: float = ANCHOR_SHARE) -> list[Optional[np.ndarray]]:
+    """Per predicted class c, the positions of its anchors: the ``anchor_share`` most
+    confident samples predicted as c (at least one), most confident first, ties by sample
+    position (the caller sorts by sample index); None where no sample is predicted as c."""
+    anchors: list[Optional[np.ndarray]] = [None] * num_classes
+    for k in range(num_classes):
+        members = np.flatnonzero(pred == k)
+        if len(members):
+            anchors[k] = members[np.argsort(-score[members], kind="stable")[:max(1, int(anchor_share * len(members)))]]
+    return anchors
 
 
 def estimate_noise_rate(pred: np.ndarray, score: np.ndarray, label: np.ndarray, against: np.ndarray,
@@ -91,12 +111,9 @@ def estimate_noise_rate(pred: np.ndarray, score: np.ndarray, label: np.ndarray, 
     share = np.bincount(pred, minlength=c)[:c] / max(n, 1)
     per_class: list = [None] * c
     anchors, rate = 0, 0.0
-    for k in range(c):
-        members = np.flatnonzero(pred == k)
-        if len(members) == 0:
+    for k, top in enumerate(class_anchors(pred, score, c, anchor_share)):
+        if top is None:
             continue
-        # Most confident first; ties by sample position (the caller sorts by sample index).
-        top = members[np.argsort(-score[members], kind="stable")[:max(1, int(anchor_share * len(members)))]]
         per_class[k] = float(np.mean(label[top] != k))
         anchors += len(top)
         rate += share[k] * per_class[k]
