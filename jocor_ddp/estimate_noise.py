@@ -7,6 +7,11 @@ after each, and prints the estimate with its evidence. No test evaluation and no
 checkpoint: a fraction of the run's cost (Fashion-MNIST, MLP pair: 10 of 200 epochs).
 The estimate equals the one a training run with ``method.forget_rate: auto`` and the same
 config reaches. One process, or several under torchrun.
+
+After it, the noise transition matrix estimated from the last epoch's scoring pass, both ways
+of ``transition.py`` (the anchor set and Patrini's), and where the labels' clean ones are known
+(noise.json's ``empirical_transition``) that matrix and each estimate's mean row L1 distance
+to it; ``--heatmap FILE.png`` draws them side by side (matplotlib, the ``[report]`` extra).
 """
 
 from __future__ import annotations
@@ -16,11 +21,21 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
+
+import numpy as np
 
 from .config import Config
 from .dist import DistContext
-from .job import run_job
+from .job import CommandError, run_job
+from .noise_rate import ANCHOR_SHARE
 from .trainer import Trainer
+from .transition import (ANCHOR_SET, PATRINI, PATRINI_PERCENTILE, TITLES, estimate_transitions, mean_row_l1,
+                         undecided_line)
+
+# Matrices of more classes than this are not printed (they are in --out and --heatmap).
+PRINT_MAX_CLASSES = 20
+EMPIRICAL = "empirical"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,7 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "evidence.",
         epilog="Overrides are dotted keys, as for train; method.forget_rate is set to auto.")
     p.add_argument("--config", help="YAML config file (configs/*.yaml)")
-    p.add_argument("--out", metavar="FILE.json", help="also write every epoch's estimate and evidence here")
+    p.add_argument("--out", metavar="FILE.json", help="also write every epoch's estimate and evidence, and the "
+                                                         "transition matrices with their errors, here")
+    p.add_argument("--heatmap", metavar="FILE.png",
+                   help="also draw the estimated transition matrices and the empirical one side by side "
+                        "(needs matplotlib: pip install -e .[report])")
     p.add_argument("--run-dir", metavar="DIR",
                    help="the folder for the short run's config and noise files (default: a temporary one)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -68,16 +87,99 @@ def summary(trainer: Trainer, rows: list[dict]) -> str:
     return text
 
 
-def run(cfg: Config, ctx: DistContext, out: str | None) -> None:
+def transitions(trainer: Trainer, epoch: int) -> dict:
+    """Both transition-matrix estimates from the last scoring pass, and where the clean labels
+    are known the empirical matrix and each estimate's mean row L1 distance to it."""
+    found = estimate_transitions(trainer.auto.evidence, trainer.data.num_classes)
+    noise = trainer.data.noise
+    empirical = None if noise is None else noise.empirical_transition
+    result = {"epoch": epoch, "anchor_share": ANCHOR_SHARE, "percentile": PATRINI_PERCENTILE,
+              EMPIRICAL: empirical, "requested": None if noise is None else noise.transition}
+    for name, est in found.items():
+        result[name] = {**est.to_dict(), "error": None if empirical is None else mean_row_l1(est.matrix, empirical)}
+    return result
+
+
+def matrix_lines(matrix: list) -> list[str]:
+    if len(matrix) > PRINT_MAX_CLASSES:
+        return [f"  ({len(matrix)} x {len(matrix)}: in --out and --heatmap)"]
+    return [f"  {i:>2}: " + " ".join(f"{v:.3f}" for v in row) for i, row in enumerate(matrix)]
+
+
+def transition_lines(found: dict) -> list[str]:
+    """The warnings of undecided rows, then each matrix under its heading, 3 decimals."""
+    lines = [undecided_line(name, i, why)
+             for name in (ANCHOR_SET, PATRINI) for i, why in found[name]["undecided"].items()]
+    lines.append(f"transition matrix T[i, j] = P(given label j | clean class i), row i, from epoch {found['epoch']}'s "
+                 f"scoring pass:")
+    rules = {ANCHOR_SET: f"the given labels among the {100 * ANCHOR_SHARE:g}% most confident samples predicted as i",
+             PATRINI: f"the mean softmax of the sample with the highest p(i | x) below its {PATRINI_PERCENTILE:g}th "
+                      f"percentile"}
+    for name in (ANCHOR_SET, PATRINI):
+        error = found[name]["error"]
+        lines.append(f"{TITLES[name]} ({rules[name]})" +
+                     ("" if error is None else f": mean row L1 to the empirical T {error:.3f}"))
+        lines += matrix_lines(found[name]["matrix"])
+    if found[EMPIRICAL] is not None:
+        lines.append("empirical (the given labels against the clean ones, noise.json's empirical_transition)")
+        lines += matrix_lines(found[EMPIRICAL])
+    return lines
+
+
+def pyplot():
+    """matplotlib's pyplot, or one line saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise CommandError("--heatmap needs matplotlib: pip install -e .[report]") from None
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def draw_heatmap(found: dict, path: str) -> None:
+    """The estimated matrices and the empirical one, side by side, on one colour scale (0-1)."""
+    plt = pyplot()
+    panels = [(f"{TITLES[name]}" + ("" if found[name]["error"] is None else
+                                    f"\nmean row L1 {found[name]['error']:.3f}"), found[name]["matrix"])
+              for name in (ANCHOR_SET, PATRINI)]
+    if found[EMPIRICAL] is not None:
+        panels.append(("empirical (drawn labels)", found[EMPIRICAL]))
+    c = len(panels[0][1])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 4.6), squeeze=False)
+    for ax, (title, matrix) in zip(axes[0], panels):
+        image = ax.imshow(np.asarray(matrix), vmin=0.0, vmax=1.0, cmap="viridis")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("given label j")
+        ax.set_ylabel("clean class i")
+        if c <= 10:  # the values themselves, where they fit
+            for (i, j), v in np.ndenumerate(np.asarray(matrix)):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if v < 0.5 else "black")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="T[i, j]")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def run(cfg: Config, ctx: DistContext, out: Optional[str], heatmap: Optional[str]) -> None:
+    if heatmap:
+        pyplot()  # before the training, not after it
     trainer = Trainer(cfg, ctx)
+    trainer.auto.probs = True  # the scoring pass also keeps the mean softmax: the matrices need it
     if ctx.is_main:
         print(f"estimating the noise rate of {cfg.data.name} ({trainer.data.train.index_range} training "
               f"samples): {trainer.auto.last_epoch + 1} epoch(s) of {cfg.method.name} training", flush=True)
     rows = estimate(trainer)
     if ctx.is_main:
         print(summary(trainer, rows), flush=True)
+        found = transitions(trainer, rows[-1]["epoch"])
+        print("\n".join(transition_lines(found)), flush=True)
         if out:
-            Path(out).write_text(json.dumps({"estimate": trainer.auto.estimate, "epochs": rows}, indent=1))
+            Path(out).write_text(json.dumps({"estimate": trainer.auto.estimate, "epochs": rows,
+                                             "transition": found}, indent=1))
+        if heatmap:
+            draw_heatmap(found, heatmap)
+            print(f"heatmap: {heatmap}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -85,7 +187,7 @@ def main(argv=None) -> int:
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="jocor_estimate_")
     overrides = args.overrides + ["method.forget_rate=auto", f"run.dir={run_dir}", "train.resume=never",
                                   "log.tensorboard=false"]
-    return run_job(args.config, overrides, lambda cfg, ctx: run(cfg, ctx, args.out))
+    return run_job(args.config, overrides, lambda cfg, ctx: run(cfg, ctx, args.out, args.heatmap))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 estimate under 1 and 2 ranks, the fallback line, and the errors that name the key.
 (Resume with auto, mid-epoch, is in test_resume.py: its runs all estimate tau.)"""
 
+import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
 
 from helpers import metric_rows, needs_fashion_mnist, run_python, run_torchrun, train_args
 
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 BASE = ["model.arch=mlp", "train.batch_size=32", "method.num_gradual=3", "method.co_lambda=0.5"]
 
 
@@ -38,30 +41,71 @@ def test_estimate_noise_finds_the_rate_of_known_noise(tmp_path, noise, epochs):
                        f"method.num_gradual={epochs}", *noise, "--out", str(out)], timeout=240)
     result = json.loads(out.read_text())
     assert len(result["epochs"]) == epochs and result["epochs"][-1]["final"]
-    line = proc.stdout.strip().splitlines()[-1]
+    line = estimate_line(proc.stdout)
     assert line.startswith(f"noise rate estimate: {result['estimate']:.3f}")
     actual = float(line.split("actual ")[1].split()[0])  # the drawn labels' share of wrong ones
     assert abs(result["estimate"] - actual) <= 0.08, proc.stdout
     assert abs(result["estimate"] - actual) < abs(result["epochs"][-1]["disagreement"] - actual), proc.stdout
 
 
+def estimate_line(stdout: str) -> str:
+    """The summary line (the transition matrices follow it)."""
+    return next(line for line in stdout.splitlines() if line.startswith("noise rate"))
+
+
+def printed_matrix(lines: list[str], heading: str) -> np.ndarray:
+    """The 10 rows printed under the line that starts with ``heading``."""
+    at = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    return np.array([[float(v) for v in line.split(":")[1].split()] for line in lines[at + 1:at + 11]])
+
+
 def test_estimate_noise_command_on_generated_data(data, tmp_path):
     """The quick check of ``python -m jocor_ddp.estimate_noise`` (one process, generated
     data, the overrides of the runs below): it trains only the estimator's epochs
-    (num_gradual=3), writes every epoch's estimate, and prints the final, decided one."""
-    out = tmp_path / "estimate.json"
+    (num_gradual=3), writes every epoch's estimate, and prints the final, decided one; then
+    the transition matrices of the last pass, printed with 3 decimals, and in the JSON with
+    their mean row L1 distances to the drawn labels' empirical matrix; and the heatmap."""
+    from jocor_ddp.transition import mean_row_l1
+    out, heatmap = tmp_path / "estimate.json", tmp_path / "t.png"
     proc = run_python(["-m", "jocor_ddp.estimate_noise", "data.name=mnist", f"data.root={data}", *BASE,
-                       "noise.rate=0.4", "train.epochs=4", "--out", str(out), "--run-dir", str(tmp_path / "run")],
-                      timeout=240)
+                       "noise.rate=0.4", "train.epochs=4", "--out", str(out), "--run-dir", str(tmp_path / "run"),
+                       *(["--heatmap", str(heatmap)] if HAVE_MATPLOTLIB else [])], timeout=240)
     result = json.loads(out.read_text())
     assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3] and result["epochs"][-1]["final"]
     assert result["epochs"][-1]["undecided"] is None and 0 < result["estimate"] < 1
     assert result["estimate"] == result["epochs"][-1]["forget_rate_estimate"]
-    line = proc.stdout.strip().splitlines()[-1]
+    line = estimate_line(proc.stdout)
     assert line.startswith(f"noise rate estimate: {result['estimate']:.3f}"), proc.stdout
     actual = float(line.split("actual ")[1].split()[0])
     assert abs(actual - 0.4) < 0.05, proc.stdout  # its accuracy: the Fashion-MNIST test above
     assert not (tmp_path / "run" / "checkpoints").exists()  # no checkpoint: a short run, not a training run
+
+    found = result["transition"]
+    assert found["epoch"] == 3 and found["percentile"] == 97.0 and found["anchor_share"] == 0.25
+    noise = json.loads((tmp_path / "run" / "noise.json").read_text())
+    assert found["empirical"] == noise["empirical_transition"] and found["requested"] == noise["transition"]
+    lines = proc.stdout.splitlines()
+    for name, heading in (("anchor_set", "anchor set ("), ("patrini", "Patrini (")):
+        matrix = np.array(found[name]["matrix"])
+        assert matrix.shape == (10, 10) and np.allclose(matrix.sum(1), 1.0)
+        assert found[name]["error"] == pytest.approx(mean_row_l1(matrix, found["empirical"]), abs=1e-12)
+        head = next(line for line in lines if line.startswith(heading))
+        assert head.endswith(f": mean row L1 to the empirical T {found[name]['error']:.3f}"), proc.stdout
+        np.testing.assert_array_equal(printed_matrix(lines, heading), np.round(matrix, 3))
+    np.testing.assert_array_equal(printed_matrix(lines, "empirical ("), np.round(found["empirical"], 3))
+    assert lines.index(line) < lines.index(next(x for x in lines if x.startswith("anchor set (")))
+    if HAVE_MATPLOTLIB:
+        assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"heatmap: {heatmap}" in proc.stdout
+
+
+def test_a_heatmap_without_matplotlib_is_one_line_before_any_training(data, tmp_path, monkeypatch, capsys):
+    from jocor_ddp import estimate_noise
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    code = estimate_noise.main(["data.name=mnist", f"data.root={data}", *BASE, "--heatmap", str(tmp_path / "t.png"),
+                                "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "error (rank 0): --heatmap needs matplotlib: pip install -e .[report]\n"
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before the run began
 
 
 @pytest.mark.slow
