@@ -171,8 +171,8 @@ def test_a_resume_keeps_the_checkpoints_matrix_and_refuses_a_changed_file(data, 
 
 
 def test_with_the_true_matrix_at_pairflip_45_it_learns_where_standard_does_not(mnist_data, tmp_path):
-    """Generated MNIST, 512 samples, 3 epochs: measured over training seeds 1-3, F-correction
-    reaches 96-100% test accuracy and Standard 42-57% (it learns the flips)."""
+    """Generated MNIST, 512 samples, 3 epochs: with training seeds 1, 2 and 3 F-correction
+    reaches 100% test accuracy, Standard 50.0%, 45.7% and 44.1% (it learns the flips)."""
     accuracy = {}
     for name, extra in (("standard", ["method.name=standard"]), ("fcorrection", ["method.transition=true"])):
         cfg = train_args(mnist_data(512, 128), tmp_path / name, "noise.type=pairflip", "noise.rate=0.45",
