@@ -29,6 +29,9 @@ DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "clothing1m", "imag
 MODELS = ("mlp", "cnn", "resnet18", "resnet34", "resnet50")
 NOISE_TYPES = ("symmetric", "pairflip", "asymmetric", "instance", "none", "file")
 FORGET_RATE_WORDS = ("auto",)  # method.forget_rate besides a number
+TRANSITION_FILES = (".json", ".csv", ".npy")  # method.transition: a matrix file of these kinds
+TRANSITION_FORMS = ("a .json, .csv or .npy file of a C x C row-stochastic matrix, or true (the matrix of the "
+                    "noise this config drew)")
 SELECTIONS = ("global", "local")
 SOURCES = ("memory", "shards")
 CACHES = ("auto", "device", "stream")
@@ -71,6 +74,20 @@ def _positive(key: str, value: int) -> None:
 # "train" is trained on; the held-out share of its labels (data.noisy_val_fraction) is scored
 # as NOISY_VAL. Neither can be an evaluation split of the shards.
 NOT_EVAL_SPLITS = ("train", NOISY_VAL)
+
+
+def true_transition_unknown(noise_type: str, labels_noisy: bool) -> Optional[str]:
+    """Why ``method.transition: true`` has no matrix to give (None: it has one): the noise is
+    known as a class-level matrix only where the config drew it from one."""
+    if labels_noisy:
+        why = "the training labels came noisy (the shards' labels), with no known noise"
+    elif noise_type == "file":
+        why = "noise.type: file gives per-sample labels, not the matrix that drew them"
+    elif noise_type == "instance":
+        why = "noise.type: instance draws each sample from its own flip distribution, not from one class-level matrix"
+    else:
+        return None
+    return f"{why}; give the matrix as a file ({', '.join(TRANSITION_FILES)})"
 
 
 def _eval_splits(key: str, splits: list[str], source: str) -> None:
@@ -246,9 +263,15 @@ class MethodConfig:
     # Co-teaching+ only: plain Co-teaching before this epoch (the authors use 0 for MNIST,
     # 20 for CIFAR-10, 5 for CIFAR-100).
     init_epoch: int = 20
+    # F-correction only: the transition matrix T (T[i, j] = P(noisy j | clean i)) its loss
+    # corrects with: the path of a .json (a list of C lists), .csv (C lines of C numbers) or
+    # .npy file, each row summing to 1; or true: the matrix of the noise this config drew
+    # (symmetric, pairflip, asymmetric; the identity for noise.type none). docs/methods.md.
+    transition: Optional[Union[bool, str]] = None
 
     def __post_init__(self):
         _choice("method.name", self.name, method_names())
+        self._check_transition()
         _range("method.co_lambda", self.co_lambda, 0.0, 1.0, hi_open=False)
         if isinstance(self.forget_rate, str):
             _choice("method.forget_rate", self.forget_rate, FORGET_RATE_WORDS)
@@ -261,6 +284,19 @@ class MethodConfig:
         _at_least("method.num_gradual", self.num_gradual, 0)
         _above("method.exponent", self.exponent, 0)
         _at_least("method.init_epoch", self.init_epoch, 0)
+
+    def _check_transition(self) -> None:
+        """The form only: the file is read by the trainer, once it knows the classes (a
+        checkpoint's config is validated too, and must not need the file)."""
+        if self.transition == "true":  # quoted in YAML, or a string from a sweep file
+            self.transition = True
+        t = self.transition
+        if t is None:
+            if "transition" in get_method(self.name).uses:
+                raise ConfigError(f"method.transition: method.name={self.name} needs a transition matrix: "
+                                  f"give {TRANSITION_FORMS}")
+        elif t is not True and (t is False or not t.lower().endswith(TRANSITION_FILES)):
+            raise ConfigError(f"method.transition: {t!r} is not one of the allowed forms: {TRANSITION_FORMS}")
 
 
 @dataclass
@@ -381,6 +417,10 @@ class Config:
 
     def __post_init__(self):
         _choice("selection", self.selection, SELECTIONS)
+        if self.method.transition is True and "transition" in get_method(self.method.name).uses:
+            why = true_transition_unknown(self.noise.type, labels_noisy=False)
+            if why:
+                raise ConfigError(f"method.transition: true: {why}")
 
     def check_world_size(self, world_size: int) -> None:
         if self.train.batch_size % world_size:

@@ -50,6 +50,8 @@ BUILTIN = (
            loss_name="loss", uses=("init_epoch",)),
     Method("decoupling", "Decoupling", "jocor_ddp.methods.decoupling:step", selects=False, loss_name="loss"),
     Method("standard", "Standard", "jocor_ddp.methods.standard:step", selects=False, loss_name="loss"),
+    Method("fcorrection", "F-correction", "jocor_ddp.methods.fcorrection:step", selects=False,
+           loss_name="forward-corrected loss", uses=("transition",)),
 )
 
 

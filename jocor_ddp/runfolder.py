@@ -1,4 +1,4 @@
-"""A run folder's layout, RUN/{config.yaml, noise.json, metrics.jsonl, checkpoints/, tensorboard/}
+"""A run folder's layout, RUN/{config.yaml, noise.json, transition.json, metrics.jsonl, checkpoints/, tensorboard/}
 (the trainer writes it: ``runlog``, ``checkpoint``), the names of its metrics, and the one reader of
 its metrics.jsonl: read once, leniently for where a run stands, strictly (``Metrics.checked``) for
 what is averaged or judged, and in today's names whichever version wrote it.
@@ -16,8 +16,8 @@ from typing import Optional
 
 import yaml
 
-CONFIG, NOISE, METRICS, CHECKPOINTS, TENSORBOARD = (
-    "config.yaml", "noise.json", "metrics.jsonl", "checkpoints", "tensorboard")
+CONFIG, NOISE, TRANSITION, METRICS, CHECKPOINTS, TENSORBOARD = (
+    "config.yaml", "noise.json", "transition.json", "metrics.jsonl", "checkpoints", "tensorboard")
 REQUIRED_METRICS = ("epoch", "test_acc1", "test_acc2")
 # The held-out share of the training split with its noisy labels (data.noisy_val_fraction), as scored.
 NOISY_VAL = "noisy_val"

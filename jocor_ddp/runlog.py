@@ -1,4 +1,5 @@
-"""The run folder's record: config.yaml and noise.json when a run starts, one metrics.jsonl
+"""The run folder's record: config.yaml and noise.json when a run starts, transition.json once
+the run's F-correction matrix is settled (after a resume), one metrics.jsonl
 row per epoch (with TensorBoard scalars under log.tensorboard), the epoch line on stdout,
 and the rows of epochs a checkpoint does not hold dropped on resume. Rank 0 writes; a
 failure to write is raised on every rank."""
@@ -11,8 +12,8 @@ from typing import Optional
 
 from .config import Config, ConfigError, dump_config
 from .dist import DistContext, agree
-from .runfolder import (CONFIG, METRICS, NOISE, NOISY_VAL, TENSORBOARD, acc_keys, earlier_names, read_metrics,
-                        split_words)
+from .runfolder import (CONFIG, METRICS, NOISE, NOISY_VAL, TENSORBOARD, TRANSITION, acc_keys, earlier_names,
+                        read_metrics, split_words, write_json)
 
 
 class RunLog:
@@ -35,6 +36,15 @@ class RunLog:
                 (self.dir / NOISE).write_text(json.dumps(noise, indent=1))
         except OSError as exc:
             raise ConfigError(f"run.dir: cannot write the run folder {self.dir}: {exc}") from None
+
+    def write_transition(self, record: dict) -> None:
+        """RUN/transition.json: the matrix the run corrects with and where it came from."""
+        def write() -> None:
+            try:
+                write_json(self.dir / TRANSITION, record)
+            except OSError as exc:
+                raise ConfigError(f"run.dir: cannot write {self.dir / TRANSITION}: {exc}") from None
+        agree(self.ctx, write)
 
     def _open_tensorboard(self):
         if not self.cfg.log.tensorboard:

@@ -9,7 +9,9 @@ of torch.distributed.checkpoint), and this record only names the parts:
 - ``data``: the training loader's bad-sample total of the epoch so far (``data.BadSamples``);
 - ``forget_rate``: tau as decided, with the auto estimate (``schedule.ForgetRate``,
   ``autorate.AutoForgetRate``);
-- ``history``: which samples were kept in recent epochs (``step.KeptHistory``).
+- ``history``: which samples were kept in recent epochs (``step.KeptHistory``);
+- ``transition``: F-correction's transition matrix and its source (``correction.Transition``),
+  None for the other methods and in checkpoints written before it.
 
 Beside them: the position (epoch, step in it, global step), the pair's weights, every
 rank's RNG, the resolved config and what the offline commands need to rebuild the pair
@@ -47,6 +49,7 @@ class TrainingState:
     history: dict           # KeptHistory.state_dict()
     rng: list               # every rank's RNG states, by rank
     data: Optional[dict] = None  # BadSamples.state_dict() mid-epoch, else None
+    transition: Optional[dict] = None  # Transition.state_dict() where the method corrects with T, else None
     versions: dict = field(default_factory=dict)  # package and torch that wrote it
 
     @property

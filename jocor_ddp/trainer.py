@@ -20,12 +20,14 @@ from . import __version__
 from .autorate import AutoForgetRate, score_evidence
 from .checkpoint import CheckpointError, checkpoint_dir, find_resume, list_checkpoints, rng_state, save_checkpoint, set_rng_state
 from .config import Config
+from .correction import Transition, resolve_transition
 from .data import DataBundle, EvalLoader, agree_on_error, build_data
 from .dist import DistContext, agree, all_gather_objects, all_reduce_sum, broadcast_buffers, max_over_ranks
 from .models import ModelPair, build_pair
 from .preemption import Preempted, StopFlag
 from .progress import Progress, progress_enabled
-from .runfolder import NOISY_VAL, split_words
+from .registry import get_method as method_entry
+from .runfolder import NOISY_VAL, TRANSITION, split_words
 from .runlog import RunLog
 from .schedule import decide_forget_rate, forget_rate_schedule, lr_beta1_schedule
 from .state import TrainingState, read_state
@@ -45,6 +47,13 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         seed_everything(cfg.train.seed)
         self.data = data if data is not None else build_data(cfg, ctx)
+        # F-correction's T (method.transition), read and checked on every rank before the pair's
+        # first collective; any rank's error is every rank's (a file missing on one node).
+        self.transition: Optional[Transition] = None
+        if "transition" in method_entry(cfg.method.name).uses:
+            self.transition = agree(ctx, lambda: resolve_transition(
+                cfg.method, cfg.noise.type, self.data.num_classes, self.data.noise, self.data.labels_noisy),
+                every_rank=True)
         # The same seed on every rank and for every world size: identical initial networks.
         pair = build_pair(cfg.model, self.data.in_channels, self.data.num_classes,
                           self.data.image_size, seed=cfg.train.seed)
@@ -66,6 +75,8 @@ class Trainer:
         self.history = KeptHistory(self.data.train.index_range, ctx.device)
         self.step = TrainStep(cfg.train, cfg.method, cfg.selection, ctx, self.model, self.pair, self.data.train,
                               self.history, self.precision, memory_format)
+        if self.transition is not None:
+            self.step.values.set_transition(self.transition.matrix)
         # tau, decided once: the schedule, the metrics rows, the checkpoint and the audit read it.
         self.forget = decide_forget_rate(cfg.method, cfg.noise, self.data.labels_noisy)
         self.auto = None
@@ -229,6 +240,7 @@ class Trainer:
                 world_size=self.ctx.world_size, precision=self.precision, data_meta=self.data.meta,
                 model=self.pair.state_dict(), step=step, data=data, rng=rngs, history=self.history.state_dict(),
                 forget_rate={**self.forget.state_dict(), **(self.auto.state_dict() if self.auto else {})},
+                transition=self.transition.state_dict() if self.transition is not None else None,
                 versions={"package": __version__, "torch": str(torch.__version__)})  # TorchVersion: no plain str
             return self._write_checkpoint(state)
         # Rank 0 writes; a failed write (disk full, no permission) is raised on every rank.
@@ -303,6 +315,9 @@ class Trainer:
         if self.auto is not None:
             self.auto.load_state_dict(state.forget_rate)
             self.forget_rates = self.auto.forget_rates()
+        if self.transition is not None and state.transition is not None:
+            self.transition = self.transition.resumed(state.transition, path)
+            self.step.values.set_transition(self.transition.matrix)
         self.step.global_step = state.global_step
         set_rng_state(state.rng[self.ctx.rank % len(state.rng)])
         return state
@@ -314,6 +329,8 @@ class Trainer:
         Raises Preempted after writing a checkpoint when a rank got SIGTERM / SIGINT."""
         resumed = self.restore()
         start_epoch, start_step = (resumed.epoch, resumed.step_in_epoch) if resumed else (0, 0)
+        if self.transition is not None:  # the one the run trains with: a checkpoint's, once resumed
+            self.runlog.write_transition(self.transition.record())
         self._announce()
         rows = []
         self.stop.install()
@@ -362,3 +379,5 @@ class Trainer:
                   f"1-{self.auto.last_epoch + 1} (method.num_gradual), {self.auto.fallback:g} until then", flush=True)
         else:
             print(f"forget rate: tau {self.forget.tau:g} ({self.forget.why})", flush=True)
+        if self.transition is not None:
+            print(f"transition matrix: {self.transition.source} (RUN/{TRANSITION})", flush=True)

@@ -46,6 +46,13 @@ def train_args(data: Path | None, run_dir: Path, *overrides: str, config: str | 
             "log.progress=never", f"run.dir={run_dir}", *overrides]
 
 
+def method_args(name: str) -> list[str]:
+    """``method.name=NAME`` and what that method cannot train without: the true transition
+    matrix where its registry entry reads method.transition (F-correction)."""
+    from jocor_ddp.registry import get_method
+    return [f"method.name={name}", *(["method.transition=true"] if "transition" in get_method(name).uses else [])]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from jocor_ddp.methods.coteaching import cross_entropies
+from jocor_ddp.methods.fcorrection import forward_loss
 from jocor_ddp.methods.jocor import jocor_loss
 from jocor_ddp.methods.selection import num_remember
 
@@ -39,13 +40,18 @@ def mean(losses, mask, k: int):
     return total * 0.0 if k == 0 else total * (1 / k)
 
 
-def method_step(name: str, z1, z2, y, forget_rate: float, epoch: int, co_lambda: float, init_epoch: int):
+def method_step(name: str, z1, z2, y, forget_rate: float, epoch: int, co_lambda: float, init_epoch: int,
+                log_transition=None):
     """(loss to backpropagate, kept sets (s, b), checked losses (m, b))."""
     if name == "jocor":
         losses = jocor_loss(z1, z2, y, co_lambda)
         mask, k = keep_smallest(losses.detach(), forget_rate)
         return mean(losses, mask, k), mask[None], losses.detach()[None]
-    ce = cross_entropies(z1, z2, y)
+    if name == "fcorrection":  # F-correction came later: Standard's rule on the corrected loss
+        ce = torch.stack([forward_loss(z1, y, log_transition), forward_loss(z2, y, log_transition)])
+        name = "standard"
+    else:
+        ce = cross_entropies(z1, z2, y)
     disagree = z1.detach().argmax(1) != z2.detach().argmax(1)
     if name in ("standard", "decoupling"):
         mask = torch.ones_like(disagree) if name == "standard" else disagree
@@ -60,8 +66,8 @@ def method_step(name: str, z1, z2, y, forget_rate: float, epoch: int, co_lambda:
 class ReferenceStep:
     """The old Trainer.train_step for one process, fp32, on_nonfinite=error, sync_every=1."""
 
-    def __init__(self, pair, cfg):
-        self.pair, self.cfg = pair, cfg
+    def __init__(self, pair, cfg, log_transition=None):
+        self.pair, self.cfg, self.log_transition = pair, cfg, log_transition
         self.optimizer = torch.optim.Adam(pair.parameters(), lr=cfg.train.lr, fused=True)
         self.global_step = 0
 
@@ -77,7 +83,7 @@ class ReferenceStep:
         z1, z2 = self.pair(batch.x)
         m = self.cfg.method
         loss, kept, checked = method_step(m.name, z1, z2, batch.y, self.forget_rate, self.epoch,
-                                          m.co_lambda, m.init_epoch)
+                                          m.co_lambda, m.init_epoch, self.log_transition)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         bad_columns = ~torch.isfinite(checked).all(0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import child_env, make_cifar, metric_rows, run_python, train_args
+from helpers import child_env, make_cifar, method_args, metric_rows, run_python, train_args
 from jocor_ddp.checkpoint import list_checkpoints
 from jocor_ddp.config import load_config
 from jocor_ddp.dist import DistContext
@@ -65,7 +65,7 @@ def assert_same_training(captured: Trainer, eager: Trainer, n: int = STEPS):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_capture_and_replay_equal_eager_fp32(mnist, tmp_path, method):
-    extra = [f"data.root={mnist}", f"method.name={method}"]
+    extra = [f"data.root={mnist}", *method_args(method)]
     assert_same_training(Trainer(_cfg(tmp_path, "g", "train.cuda_graph=true", *extra), cuda()),
                          Trainer(_cfg(tmp_path, "e", "train.cuda_graph=false", *extra), cuda()))
 

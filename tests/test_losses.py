@@ -115,3 +115,75 @@ def test_device_count_equals_the_host_formula(n):
         assert count_remember(remember, n).item() == num_remember(float(r), n), (r, n)
         assert count_remember(remember, torch.tensor(n)).item() == num_remember(float(r), n), (r, n)
     assert count_remember(EpochValues.at(0.5).remember, torch.tensor(0)).item() == 0
+
+
+# --- F-correction's forward-corrected loss ---------------------------------------------------
+
+def _random_transition(c, seed, zeros=False):
+    """A random row-stochastic T (float64); with ``zeros``, some off-diagonal entries exactly 0."""
+    rng = np.random.default_rng(seed)
+    t = rng.random((c, c)) ** 3
+    if zeros:
+        t[rng.random((c, c)) < 0.4] = 0.0
+        np.fill_diagonal(t, rng.random(c) + 0.5)
+    return t / t.sum(1, keepdims=True)
+
+
+def _forward(z, y, t):
+    from jocor_ddp.methods.fcorrection import forward_loss
+    values = EpochValues.on()
+    values.set_transition(t)
+    return forward_loss(z, y, values.log_transition)
+
+
+def reference_forward_loss(z, y, t):
+    """-log((softmax(z) T)[y]) in float64, straight from the definition (torch, for autograd)."""
+    return -(z.double().softmax(1) @ torch.from_numpy(t))[torch.arange(len(y)), y].log()
+
+
+@pytest.mark.parametrize("c,zeros", [(10, False), (10, True), (4, True), (100, False)])
+def test_forward_loss_and_gradient_match_float64_reference(c, zeros):
+    g = torch.Generator().manual_seed(c)
+    z = (torch.randn(256, c, generator=g) * 3).requires_grad_()
+    y = torch.randint(0, c, (256,), generator=g)
+    t = _random_transition(c, c, zeros)
+    ours = _forward(z, y, t)
+    ours.sum().backward()
+    d = z.detach().double().requires_grad_()
+    ref = reference_forward_loss(d, y, t)
+    ref.sum().backward()
+    np.testing.assert_allclose(ours.double().detach().numpy(), ref.detach().numpy(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.grad.double(), d.grad, rtol=1e-4, atol=1e-6)
+    # The correction matters here: plain cross-entropy is another number.
+    assert not np.allclose(ours.detach().numpy(), torch.nn.functional.cross_entropy(z, y, reduction="none")
+                           .detach().numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_loss_with_the_identity_is_standards_cross_entropy_bit_for_bit(dtype):
+    """logsumexp over one finite term and -inf's is that term exactly, and so is its gradient."""
+    g = torch.Generator().manual_seed(5)
+    z = (torch.randn(512, 10, generator=g) * 6).to(dtype).requires_grad_()
+    y = torch.randint(0, 10, (512,), generator=g)
+    ours = _forward(z, y, np.eye(10))
+    ours.sum().backward()
+    ours_grad, z.grad = z.grad, None
+    from jocor_ddp.methods.coteaching import cross_entropies
+    standard = cross_entropies(z, z, y)[0]  # Standard's per-sample loss
+    standard.sum().backward()
+    assert torch.equal(ours, standard) and torch.equal(ours_grad, z.grad)
+
+
+def test_forward_loss_of_saturated_logits_stays_finite():
+    """Logits around 1e3: softmax(z) T is 0 in float64 where the label's column misses the
+    predicted class, so the product form's log is infinite; the log-space form is finite as
+    long as the column has a positive entry somewhere."""
+    z = torch.tensor([[1000.0, -1000.0, 0.0], [-800.0, 900.0, 1000.0], [0.0, 0.0, 1000.0]], requires_grad=True)
+    y = torch.tensor([1, 0, 1])
+    t = np.array([[1.0, 0.0, 0.0], [0.0, 0.6, 0.4], [0.0, 0.5, 0.5]])  # column 1: never from class 0
+    loss = _forward(z, y, t)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(z.grad).all()
+    # -log(0.6 p_1 + 0.5 p_2) with p_1 = e^-2000 and p_2 = e^-1000: 1000 + log 2
+    assert loss[0].item() == pytest.approx(1000 + np.log(2), rel=1e-6)
+    assert not torch.isfinite(reference_forward_loss(z.detach(), y, t)).all()  # the case is a real one

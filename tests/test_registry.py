@@ -105,7 +105,7 @@ def test_without_the_plugin_the_name_is_a_config_error(mnist, tmp_path):
 
 def test_the_registry_holds_the_built_in_methods():
     assert registry.method_names()[:5] == ("jocor", "coteaching", "coteaching_plus", "decoupling", "standard")
-    assert [m.name for m in registry.BUILTIN if not m.selects] == ["decoupling", "standard"]
+    assert [m.name for m in registry.BUILTIN if not m.selects] == ["decoupling", "standard", "fcorrection"]
     for m in registry.BUILTIN:  # every entry's step exists and takes the trainer's arguments
         assert callable(m.load_step())
     assert registry.display_name("coteaching_plus") == "Co-teaching+"

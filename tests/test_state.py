@@ -38,6 +38,7 @@ def test_a_format_1_checkpoint_reads_as_a_training_state():
     assert counters["counts"].shape == (3,) and state.data == {"bad_samples": 0}
     assert state.history["epochs"] == 1 and state.history["bits"].shape == (256,)
     assert set(state.step) == {"optimizer", "scaler", "skipped_steps", "counters"}
+    assert state.transition is None  # written before F-correction
 
 
 def test_a_format_1_checkpoint_resumes_where_its_run_ended(tmp_path):

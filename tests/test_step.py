@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import train_args
+from helpers import method_args, train_args
 from reference_step import ReferenceStep
 from jocor_ddp.config import ConfigError, load_config
 from jocor_ddp.dist import DistContext
@@ -48,9 +48,10 @@ def _trainer(mnist, tmp_path, *extra) -> Trainer:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_step_equals_the_old_eager_step_bit_for_bit(mnist, tmp_path, method):
-    trainer = _trainer(mnist, tmp_path, f"method.name={method}")
+    trainer = _trainer(mnist, tmp_path, *method_args(method))
     cfg = trainer.cfg
-    reference = ReferenceStep(build_pair(cfg.model, 1, 10, 28, seed=cfg.train.seed), cfg)
+    reference = ReferenceStep(build_pair(cfg.model, 1, 10, 28, seed=cfg.train.seed), cfg,
+                              trainer.step.values.log_transition)
     steps = 0
     for epoch in range(EPOCHS):
         trainer.begin_epoch(epoch)
@@ -154,7 +155,7 @@ def captured_region(trainer: Trainer):
     ("jocor", ["data.augment=true"]), ("jocor", ["train.precision=bf16"]),
     ("jocor", ["train.precision=fp16"]), ("coteaching", ["selection=local"])])
 def test_step_can_be_captured_and_replays_no_stale_value(mnist, tmp_path, method, extra):
-    trainer = _trainer(mnist, tmp_path, f"method.name={method}", *extra)
+    trainer = _trainer(mnist, tmp_path, *method_args(method), *extra)
     step = captured_region(trainer)
     n = trainer.data.train.steps_per_epoch
     # Epoch 2 -> 3 changes the forget rate (ramp), the lr (decay) and the epoch number.
