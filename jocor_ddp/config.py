@@ -30,8 +30,9 @@ MODELS = ("mlp", "cnn", "resnet18", "resnet34", "resnet50")
 NOISE_TYPES = ("symmetric", "pairflip", "asymmetric", "instance", "none", "file")
 FORGET_RATE_WORDS = ("auto",)  # method.forget_rate besides a number
 TRANSITION_FILES = (".json", ".csv", ".npy")  # method.transition: a matrix file of these kinds
-TRANSITION_FORMS = ("a .json, .csv or .npy file of a C x C row-stochastic matrix, or true (the matrix of the "
-                    "noise this config drew)")
+TRANSITION_WORDS = ("auto",)  # method.transition besides a file or true
+TRANSITION_FORMS = ("a .json, .csv or .npy file of a C x C row-stochastic matrix, true (the matrix of the "
+                    "noise this config drew) or auto (estimated after method.warmup_epochs)")
 SELECTIONS = ("global", "local")
 SOURCES = ("memory", "shards")
 CACHES = ("auto", "device", "stream")
@@ -266,8 +267,22 @@ class MethodConfig:
     # F-correction only: the transition matrix T (T[i, j] = P(noisy j | clean i)) its loss
     # corrects with: the path of a .json (a list of C lists), .csv (C lines of C numbers) or
     # .npy file, each row summing to 1; or true: the matrix of the noise this config drew
-    # (symmetric, pairflip, asymmetric; the identity for noise.type none). docs/methods.md.
+    # (symmetric, pairflip, asymmetric; the identity for noise.type none); or auto: the
+    # identity (plain cross-entropy) for method.warmup_epochs, then estimated once from the
+    # pair's scoring pass of the training split (the anchor set). docs/methods.md.
     transition: Optional[Union[bool, str]] = None
+    # method.transition auto: the epochs of plain cross-entropy before T is estimated. 10:
+    # the MLP pair on Fashion-MNIST is then near its plain cross-entropy peak (symmetric 50%:
+    # 85.4% test accuracy at epoch 10, best 85.8% in 30), and a longer warm-up lets it memorise
+    # more flipped labels, which pull the anchors' labels towards a T nearer I; T-Revision
+    # warms up 20 epochs of its schedule. Must be below train.epochs.
+    warmup_epochs: int = 10
+    # method.transition auto: after the estimate, restart both networks from fresh weights
+    # (seeded by train.seed + 1, the same on every rank) and a zeroed Adam, as the original
+    # F-correction trains a new network with the corrected loss; false: go on from the
+    # warm-up's weights. true: 2.4 and 2.9 points better last-5 test accuracy on
+    # Fashion-MNIST at symmetric 50% and pairflip 45% (docs/methods.md).
+    reinit_after_warmup: bool = True
 
     def __post_init__(self):
         _choice("method.name", self.name, method_names())
@@ -284,6 +299,7 @@ class MethodConfig:
         _at_least("method.num_gradual", self.num_gradual, 0)
         _above("method.exponent", self.exponent, 0)
         _at_least("method.init_epoch", self.init_epoch, 0)
+        _at_least("method.warmup_epochs", self.warmup_epochs, 1)
 
     def _check_transition(self) -> None:
         """The form only: the file is read by the trainer, once it knows the classes (a
@@ -295,6 +311,10 @@ class MethodConfig:
             if "transition" in get_method(self.name).uses:
                 raise ConfigError(f"method.transition: method.name={self.name} needs a transition matrix: "
                                   f"give {TRANSITION_FORMS}")
+        elif t in TRANSITION_WORDS:
+            if "transition" not in get_method(self.name).uses:
+                raise ConfigError(f"method.transition: {t}: method.name={self.name} corrects with no transition "
+                                  f"matrix, so there is none to estimate; use fcorrection")
         elif t is not True and (t is False or not t.lower().endswith(TRANSITION_FILES)):
             raise ConfigError(f"method.transition: {t!r} is not one of the allowed forms: {TRANSITION_FORMS}")
 
@@ -421,6 +441,10 @@ class Config:
             why = true_transition_unknown(self.noise.type, labels_noisy=False)
             if why:
                 raise ConfigError(f"method.transition: true: {why}")
+        if self.method.transition == "auto" and self.method.warmup_epochs >= self.train.epochs:
+            raise ConfigError(f"method.warmup_epochs: {self.method.warmup_epochs} with train.epochs="
+                              f"{self.train.epochs}: method.transition auto estimates T after the warm-up, so "
+                              f"it must end before the last epoch (at most {self.train.epochs - 1})")
 
     def check_world_size(self, world_size: int) -> None:
         if self.train.batch_size % world_size:

@@ -3,9 +3,11 @@ run, checked, kept in every checkpoint (``TrainingState.transition``) and writte
 RUN/transition.json.
 
 T[i, j] = P(noisy j | clean i), C x C for the data's C classes, float64 on the host. It comes
-from a file (.json, .csv, .npy) or is the matrix of the noise the config drew (``true``). The
-step reads it as log T from one device buffer (``methods.EpochValues.set_transition``), filled
-once; a T decided later in a run goes through the same ``Transition`` and the same buffer.
+from a file (.json, .csv, .npy), is the matrix of the noise the config drew (``true``) or is
+estimated inside the run (``auto``: the identity, "auto: warm-up", for method.warmup_epochs,
+then ``transition.correction_estimate`` at the end of the last warm-up epoch). The step reads it as log T
+from one device buffer (``methods.EpochValues.set_transition``): the estimate is copied into
+the same buffer, so a captured step reads it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .registry import get_method
 # float32 matrix saved as such); they are then divided by their sums, so T's rows sum to 1 to
 # float64 rounding.
 ROW_SUM_TOLERANCE = 1e-6
+# method.transition auto: the source of T before the estimate (the identity).
+WARMUP_SOURCE = "auto: warm-up"
 
 
 @dataclass
@@ -69,6 +73,8 @@ def resolve_transition(method: MethodConfig, noise_type: str, num_classes: int, 
     the given labels came noisy. Errors name the key, the file and the row."""
     if "transition" not in get_method(method.name).uses:
         return None
+    if method.transition == "auto":  # plain cross-entropy until the estimate
+        return Transition(np.eye(num_classes), WARMUP_SOURCE)
     if method.transition is True:
         why = true_transition_unknown(noise_type, labels_noisy)
         if why is None and (noise is None or noise.transition is None):

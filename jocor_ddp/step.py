@@ -358,6 +358,22 @@ class TrainStep:
                     param_state["step"] = param_state["step"].to(device=self.ctx.device, dtype=torch.float32)
         return state["counters"]
 
+    @torch.no_grad()
+    def reinitialise(self, fresh: torch.nn.Module) -> None:
+        """Restart from ``fresh``'s weights and buffers and an Adam that has taken no step,
+        every change in place: a captured graph holds pointers to the parameters and to
+        Adam's state (step counts included). A zeroed state is a fresh Adam's: its first
+        update increments the step to 1 before the bias correction, as a new one's does."""
+        mine, new = self.pair.state_dict(), fresh.state_dict()
+        if list(mine) != list(new):
+            raise ValueError("reinitialise: the fresh pair has other tensors than the trained one")
+        for key, tensor in mine.items():
+            tensor.copy_(new[key])
+        for param_state in self.optimizer.state.values():
+            for value in param_state.values():
+                if torch.is_tensor(value):
+                    value.zero_()
+
     def run(self, item: Optional[Batch] = None) -> None:
         """One training step on ``item`` (a streamed batch; None for resident data)."""
         self.faults.before_step(self.global_step)

@@ -17,10 +17,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import __version__
-from .autorate import AutoForgetRate, score_evidence
+from .autorate import AutoForgetRate, gather_evidence, score_evidence
 from .checkpoint import CheckpointError, checkpoint_dir, find_resume, list_checkpoints, rng_state, save_checkpoint, set_rng_state
 from .config import Config
-from .correction import Transition, resolve_transition
+from .correction import WARMUP_SOURCE, Transition, resolve_transition
 from .data import DataBundle, EvalLoader, agree_on_error, build_data
 from .dist import DistContext, agree, all_gather_objects, all_reduce_sum, broadcast_buffers, max_over_ranks
 from .models import ModelPair, build_pair
@@ -32,6 +32,7 @@ from .runlog import RunLog
 from .schedule import decide_forget_rate, forget_rate_schedule, lr_beta1_schedule
 from .state import TrainingState, read_state
 from .step import KeptHistory, TrainStep, autocast, resolve_precision, resolve_sync_every
+from .transition import correction_estimate
 
 
 def seed_everything(seed: int) -> None:
@@ -54,6 +55,8 @@ class Trainer:
             self.transition = agree(ctx, lambda: resolve_transition(
                 cfg.method, cfg.noise.type, self.data.num_classes, self.data.noise, self.data.labels_noisy),
                 every_rank=True)
+        # method.transition auto: the identity until the end of epoch warmup_epochs, then estimated.
+        self.transition_auto = self.transition is not None and cfg.method.transition == "auto"
         # The same seed on every rank and for every world size: identical initial networks.
         pair = build_pair(cfg.model, self.data.in_channels, self.data.num_classes,
                           self.data.image_size, seed=cfg.train.seed)
@@ -222,6 +225,35 @@ class Trainer:
             print(line, flush=True)
         return row
 
+    @torch.no_grad()
+    def estimate_transition(self, epoch: int) -> dict:
+        """method.transition auto, at the end of the last warm-up epoch: score every training
+        sample once, unaugmented, estimate T from the gathered evidence (the same on every rank
+        and any world size) and put it in the step's buffer, the run folder and (with the
+        epoch's checkpoint) the checkpoint. A collective."""
+        broadcast_buffers(self.ctx, self.pair)
+        self.pair.eval()
+        start = time.perf_counter()
+        evidence = gather_evidence(self.ctx, score_evidence(self.data.train_eval, self._scores),
+                                   self.data.num_classes, probs=True)
+        matrix, record, lines = correction_estimate(evidence, self.data.num_classes, epoch)
+        self.transition = Transition(matrix, f"auto: anchor set, epoch {epoch + 1}")
+        self.step.values.set_transition(self.transition.matrix)
+        self.runlog.write_transition(self.transition.record())
+        if self.ctx.is_main:
+            for line in lines:
+                print(line, flush=True)
+        return {"transition_estimate": record, "estimate_s": time.perf_counter() - start}
+
+    def reinitialise(self) -> None:
+        """method.reinit_after_warmup: fresh networks (seeded by train.seed + 1: the same on
+        every rank and world size, not the first pair) and a zeroed Adam, in place. The global
+        RNG streams are left as they were."""
+        with torch.random.fork_rng(devices=[]):
+            fresh = build_pair(self.cfg.model, self.data.in_channels, self.data.num_classes,
+                               self.data.image_size, seed=self.cfg.train.seed + 1)
+        self.step.reinitialise(fresh)
+
     # --- checkpoints ----------------------------------------------------------------
 
     def save(self, epoch: int, step_in_epoch: int) -> None:
@@ -315,7 +347,10 @@ class Trainer:
         if self.auto is not None:
             self.auto.load_state_dict(state.forget_rate)
             self.forget_rates = self.auto.forget_rates()
-        if self.transition is not None and state.transition is not None:
+        if self.transition_auto and state.transition is not None:  # the warm-up's identity or the estimate
+            self.transition = Transition.from_state(state.transition)
+            self.step.values.set_transition(self.transition.matrix)
+        elif self.transition is not None and state.transition is not None:
             self.transition = self.transition.resumed(state.transition, path)
             self.step.values.set_transition(self.transition.matrix)
         self.step.global_step = state.global_step
@@ -340,8 +375,14 @@ class Trainer:
                 start_step, resumed = 0, None
                 if self.auto is not None and self.auto.wants(epoch):
                     row.update(self.estimate_noise(epoch))
+                if self._estimates_transition(epoch):
+                    row.update(self.estimate_transition(epoch))
                 row.update(self.evaluate())
-                self.runlog.write(row, f" ({self.auto.describe(row)})" if "noise_estimate" in row else "")
+                if "transition_estimate" in row and self.cfg.method.reinit_after_warmup:
+                    self.reinitialise()  # after the evaluation: the row scores the warm-up's pair
+                self.runlog.write(row, f" ({self.auto.describe(row)})" if "noise_estimate" in row else
+                                  f" (transition matrix estimated: {self.transition.source})"
+                                  if "transition_estimate" in row else "")
                 self.save(epoch + 1, 0)
                 rows.append(row)
                 stop = self._sync_point()
@@ -352,6 +393,12 @@ class Trainer:
             self.stop.restore()
             self.runlog.close()
         return rows
+
+    def _estimates_transition(self, epoch: int) -> bool:
+        """Whether the end of (0-based) epoch ``epoch`` estimates T: the last warm-up epoch, once
+        (a resumed run keeps the checkpoint's estimate)."""
+        return (self.transition_auto and epoch == self.cfg.method.warmup_epochs - 1
+                and self.transition.source == WARMUP_SOURCE)
 
     def _epoch_kind(self) -> str:
         t = self.cfg.train
@@ -380,4 +427,6 @@ class Trainer:
         else:
             print(f"forget rate: tau {self.forget.tau:g} ({self.forget.why})", flush=True)
         if self.transition is not None:
-            print(f"transition matrix: {self.transition.source} (RUN/{TRANSITION})", flush=True)
+            until = (f"; estimated (anchor set) at the end of epoch {self.cfg.method.warmup_epochs}"
+                     if self.transition.source == WARMUP_SOURCE else "")
+            print(f"transition matrix: {self.transition.source}{until} (RUN/{TRANSITION})", flush=True)

@@ -131,6 +131,30 @@ def estimate_transitions(evidence: dict, num_classes: int,
             PATRINI: patrini_transition(evidence["probs"], percentile)}
 
 
+def correction_estimate(evidence: dict, num_classes: int, epoch: int) -> tuple[np.ndarray, dict, list[str]]:
+    """method.transition auto: T from one gathered scoring pass (``autorate.gather_evidence``
+    with probs, sorted by sample index: the same float64 arrays on every rank and any world
+    size), the anchor-set estimate (docs/methods.md says why not Patrini's); returns T, the
+    metrics row's evidence (both estimates, rounded, with their undecided rows) and the warning
+    lines. ``epoch``: 0-based, the last warm-up epoch.
+
+    A column of zeros would give every sample labelled with that class an infinite loss: where
+    the anchors of no class carry label j, row j is the identity row too (undecided)."""
+    estimates = estimate_transitions(evidence, num_classes)
+    est = estimates[ANCHOR_SET]
+    matrix, undecided = est.matrix.copy(), dict(est.undecided)
+    for j in np.flatnonzero(matrix.sum(axis=0) == 0):
+        matrix[j] = np.eye(num_classes)[j]
+        undecided[int(j)] = f"no anchor of any class is labelled {j}: column {j} would be all zeros"
+    lines = [undecided_line(ANCHOR_SET, i, why) for i, why in sorted(undecided.items())]
+    row = {"source": ANCHOR_SET, "epoch": epoch + 1,
+           "matrix": np.round(matrix, 4).tolist(),
+           "undecided": {str(i): why for i, why in sorted(undecided.items())},
+           PATRINI: {"matrix": np.round(estimates[PATRINI].matrix, 4).tolist(),
+                     "undecided": {str(i): why for i, why in sorted(estimates[PATRINI].undecided.items())}}}
+    return matrix, row, lines
+
+
 def mean_row_l1(estimate: np.ndarray, reference: np.ndarray) -> float:
     """The mean over rows of the L1 distance between two transition matrices (0 to 2)."""
     return float(np.abs(np.asarray(estimate) - np.asarray(reference)).sum(1).mean())

@@ -86,9 +86,19 @@ def test_the_tolerance_is_the_stated_one(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["method.name=fcorrection"], r"method\.transition: method\.name=fcorrection needs a transition matrix: give a "
-                                  r"\.json, \.csv or \.npy file .*, or true"),
-    (["method.name=fcorrection", "method.transition=auto"],
-     r"method\.transition: 'auto' is not one of the allowed forms: a \.json, \.csv or \.npy file"),
+                                  r"\.json, \.csv or \.npy file .*, true \(.*\) or auto \(estimated after method\.warmup_epochs\)$"),
+    (["method.name=standard", "method.transition=auto"],
+     r"^method\.transition: auto: method\.name=standard corrects with no transition matrix, so there is none to "
+     r"estimate; use fcorrection$"),
+    (["method.name=fcorrection", "method.transition=auto", "train.epochs=10"],
+     r"^method\.warmup_epochs: 10 with train\.epochs=10: method\.transition auto estimates T after the warm-up, "
+     r"so it must end before the last epoch \(at most 9\)$"),
+    (["method.name=fcorrection", "method.transition=auto", "method.warmup_epochs=0"],
+     r"^method\.warmup_epochs: must be >= 1, got 0$"),
+    (["method.name=fcorrection", "method.transition=auto", "method.reinit_after_warmup=1"],
+     r"^method\.reinit_after_warmup: expected true or false, got 1$"),
+    (["method.name=fcorrection", "method.transition=automatic"],
+     r"method\.transition: 'automatic' is not one of the allowed forms: a \.json, \.csv or \.npy file"),
     (["method.name=fcorrection", "method.transition=T.txt"], r"method\.transition: 'T\.txt' is not one of the allowed"),
     (["method.name=fcorrection", "method.transition=false"], r"method\.transition: False is not one of the allowed"),
     (["method.name=fcorrection", "method.transition=true", "noise.type=instance", "noise.rate=0.2"],
@@ -99,6 +109,13 @@ def test_the_tolerance_is_the_stated_one(tmp_path):
 def test_fcorrection_without_a_usable_matrix_is_a_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_auto_is_accepted_for_fcorrection_with_a_warmup_below_the_epochs():
+    cfg = load_config(None, ["method.name=fcorrection", "method.transition=auto", "train.epochs=11"])
+    assert (cfg.method.transition, cfg.method.warmup_epochs, cfg.method.reinit_after_warmup) == ("auto", 10, True)
+    t = resolve_transition(cfg.method, "symmetric", 4, None, labels_noisy=False)
+    assert np.array_equal(t.matrix, np.eye(4)) and t.source == "auto: warm-up"
 
 
 def test_true_refuses_labels_that_came_noisy():
@@ -209,6 +226,120 @@ def test_stopped_mid_epoch_and_resumed_it_ends_bit_for_bit(data, tmp_path):
     resumed = run_torchrun(2, train_args(data, tmp_path / "b", *args))
     assert "resumed from" in resumed.stdout
     assert metric_rows(tmp_path / "b") == metric_rows(tmp_path / "a")
+    final = [read_state(list_checkpoints(d / "checkpoints")[0]).model for d in (tmp_path / "a", tmp_path / "b")]
+    for k in final[0]:
+        assert torch.equal(final[0][k], final[1][k]), k
+
+
+# --- method.transition: auto ------------------------------------------------------------------
+
+AUTO = ["method.transition=auto", "method.warmup_epochs=2", "noise.type=pairflip", "noise.rate=0.3"]
+
+
+def test_auto_warms_up_as_standard_then_trains_with_its_estimate(data, tmp_path):
+    """The warm-up epochs' rows (and the networks at their end) are Standard's bit for bit; at
+    the end of the last one T is estimated once, into the step's buffer, the row, the
+    checkpoint and RUN/transition.json; the next epoch trains with it."""
+    standard = _trainer(data, tmp_path / "standard", "method.name=standard", *AUTO[2:])
+    _fit(standard)
+    auto = _trainer(data, tmp_path / "auto", *AUTO, "train.epochs=3")
+    assert np.array_equal(auto.transition.matrix, np.eye(10)) and auto.transition.source == "auto: warm-up"
+    _fit(auto)
+    rows, reference = metric_rows(tmp_path / "auto"), metric_rows(tmp_path / "standard")
+    assert rows[0] == reference[0]
+    estimate = rows[1].pop("transition_estimate")
+    assert rows[1] == reference[1]
+    assert "transition_estimate" not in rows[0] and "transition_estimate" not in rows[2]
+    # After the estimate the loss is no longer Standard's: the epoch's loss moves away.
+    assert rows[2]["train_loss"] != pytest.approx(reference[1]["train_loss"], abs=1e-9)
+    t = auto.transition
+    assert t.source == "auto: anchor set, epoch 2" and estimate["epoch"] == 2 and estimate["source"] == "anchor_set"
+    assert not np.array_equal(t.matrix, np.eye(10))
+    np.testing.assert_allclose(t.matrix.sum(1), 1.0, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.array(estimate["matrix"]), t.matrix, rtol=0, atol=5e-5)
+    assert set(estimate["patrini"]) == {"matrix", "undecided"}
+    assert torch.equal(auto.step.values.log_transition, torch.from_numpy(t.matrix).log().float())
+    written = json.loads((tmp_path / "auto" / "transition.json").read_text())
+    assert written["source"] == t.source and np.array_equal(np.array(written["matrix"]), t.matrix)
+    saved = [read_state(p) for p in list_checkpoints(tmp_path / "auto" / "checkpoints")]
+    by_epoch = {s.epoch: s.transition for s in saved}
+    assert by_epoch[1]["source"] == "auto: warm-up" and np.array_equal(by_epoch[1]["matrix"].numpy(), np.eye(10))
+    assert by_epoch[2]["source"] == by_epoch[3]["source"] == t.source
+    assert np.array_equal(by_epoch[3]["matrix"].numpy(), t.matrix)
+
+
+def test_a_resumed_run_keeps_the_checkpoints_estimate_and_never_reestimates(data, tmp_path):
+    _fit(_trainer(data, tmp_path / "run", *AUTO, "train.epochs=3"))
+    estimated = json.loads((tmp_path / "run" / "transition.json").read_text())
+    resumed = _trainer(data, tmp_path / "run", *AUTO, "train.epochs=4")
+    rows = _fit(resumed)
+    assert [r["epoch"] for r in rows] == [4] and "transition_estimate" not in rows[0]
+    assert resumed.transition.source == "auto: anchor set, epoch 2"
+    assert np.array_equal(resumed.transition.matrix, np.array(estimated["matrix"]))
+    assert torch.equal(resumed.step.values.log_transition, torch.from_numpy(resumed.transition.matrix).log().float())
+
+
+def test_reinit_after_warmup_restarts_the_pair_and_adam_in_place(data, tmp_path):
+    """The same tensors (a captured step points at them) hold fresh weights seeded by
+    train.seed + 1 and a zeroed Adam; the global RNG streams are untouched."""
+    trainer = _trainer(data, tmp_path / "run", *AUTO, "method.reinit_after_warmup=true", "train.epochs=3")
+    _fit(trainer)  # trains through the estimate and re-initialisation
+    params = [p.data_ptr() for p in trainer.pair.parameters()]
+    moments = [v.data_ptr() for st in trainer.step.optimizer.state.values() for v in st.values()]
+    rng = torch.get_rng_state()
+    trainer.reinitialise()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [p.data_ptr() for p in trainer.pair.parameters()] == params
+    assert [v.data_ptr() for st in trainer.step.optimizer.state.values() for v in st.values()] == moments
+    assert all(torch.count_nonzero(v) == 0 for st in trainer.step.optimizer.state.values() for v in st.values())
+    from jocor_ddp.models import build_pair
+    fresh = build_pair(trainer.cfg.model, trainer.data.in_channels, 10, trainer.data.image_size, seed=2)
+    for (key, p), q in zip(trainer.pair.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(p, q), key
+    first = build_pair(trainer.cfg.model, trainer.data.in_channels, 10, trainer.data.image_size, seed=1)
+    assert not torch.equal(next(first.parameters()), next(fresh.parameters()))
+
+
+def test_reinit_after_warmup_the_epoch_after_the_estimate_starts_from_fresh_weights(data, tmp_path):
+    """With re-init, the third epoch trains fresh networks (worse than the warm-up's on the
+    first steps: a higher loss) and its row still scores the warm-up's pair at the estimate."""
+    rows = {}
+    for name, flag in (("keep", "false"), ("reinit", "true")):
+        rows[name] = _fit(_trainer(data, tmp_path / name, *AUTO, f"method.reinit_after_warmup={flag}",
+                                   "train.epochs=3"))
+    assert rows["keep"][1]["test_acc1"] == rows["reinit"][1]["test_acc1"]
+    assert rows["reinit"][2]["train_loss"] > rows["keep"][2]["train_loss"]
+
+
+@pytest.mark.slow
+def test_the_estimate_is_the_same_under_1_and_2_ranks(data, tmp_path):
+    args = [*AUTO, "method.name=fcorrection", "train.batch_size=32", "train.epochs=3"]
+    run_python(train_args(data, tmp_path / "one", *args))
+    run_torchrun(2, train_args(data, tmp_path / "two", *args))
+    one, two = (json.loads((tmp_path / d / "transition.json").read_text()) for d in ("one", "two"))
+    assert one["source"] == "auto: anchor set, epoch 2" and one == two
+    assert not np.array_equal(np.array(one["matrix"]), np.eye(10))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault,stopped_at,reinit", [
+    ("sigterm:1:10", (1, 3), "false"),   # mid-warm-up: epoch 2 of 2, step 3
+    ("sigterm:1:18", (2, 3), "false"),   # after the estimate, mid-epoch 3
+    ("sigterm:1:18", (2, 3), "true"),    # after the estimate and the re-initialisation
+])
+def test_auto_stopped_mid_epoch_and_resumed_ends_bit_for_bit(data, tmp_path, fault, stopped_at, reinit):
+    args = ["train.batch_size=32", "train.epochs=4", "method.name=fcorrection", *AUTO,
+            f"method.reinit_after_warmup={reinit}", "checkpoint.every_steps=3", "checkpoint.keep=20"]
+    run_torchrun(2, train_args(data, tmp_path / "a", *args))
+    run_torchrun(2, train_args(data, tmp_path / "b", *args), env=child_env(JOCOR_FAULT=fault))
+    stopped = read_state(list_checkpoints(tmp_path / "b" / "checkpoints")[0])
+    assert (stopped.epoch, stopped.step_in_epoch) == stopped_at
+    warm = stopped_at[0] < 2
+    assert stopped.transition["source"] == ("auto: warm-up" if warm else "auto: anchor set, epoch 2")
+    resumed = run_torchrun(2, train_args(data, tmp_path / "b", *args))
+    assert "resumed from" in resumed.stdout
+    assert metric_rows(tmp_path / "b") == metric_rows(tmp_path / "a")
+    assert (tmp_path / "b" / "transition.json").read_text() == (tmp_path / "a" / "transition.json").read_text()
     final = [read_state(list_checkpoints(d / "checkpoints")[0]).model for d in (tmp_path / "a", tmp_path / "b")]
     for k in final[0]:
         assert torch.equal(final[0][k], final[1][k]), k
