@@ -41,9 +41,9 @@ def page_commands() -> list[str]:
     return commands
 
 
-def small(command: str, tmp_path, ports: dict) -> str:
-    """The page's command with what makes it small; every change says why."""
-    subs = [
+def substitutions(tmp_path, ports: dict) -> list[tuple[str, str]]:
+    """What makes the page's commands small; every change says why."""
+    return [
         # The miniature's images are 24-48 px: shards at a short side of 40, not 256.
         ("--resize 256", "--resize 40"),
         # One node with 2 CPU workers, on a free port of this machine.
@@ -56,7 +56,13 @@ def small(command: str, tmp_path, ports: dict) -> str:
         ("configs/sweeps/clothing1m_tau.yaml", str(tmp_path / "clothing1m_tau.yaml")),
         ("--gpus-per-run 8", "--gpus none --procs 1"),
     ]
-    for old, new in subs:
+
+
+def small(command: str, tmp_path, ports: dict, used: set) -> str:
+    """The page's command made small (``used`` collects the substitutions that applied)."""
+    for old, new in substitutions(tmp_path, ports):
+        if old in command:
+            used.add(old)
         command = command.replace(old, new)
     if "jocor_ddp.train" in command:
         # The single-node command trains epoch 1; the several-node one resumes and trains epoch 2.
@@ -104,11 +110,13 @@ def test_the_clothing1m_page_from_the_release_to_a_test_accuracy(tmp_path):
     commands = page_commands()
     assignments = [c for c in commands if re.match(r"^[A-Z_]+=", c)]
     assert sorted(a.split("=")[0] for a in assignments) == sorted(folders)  # the page names no other folder
-    out = {}
+    out, used = {}, set()
     for command in (c for c in commands if c not in assignments):
         nodes = 2 if "--nnodes=2" in command else 1
-        out[command] = run(small(command, tmp_path, ports), env, nodes)[0]
+        out[command] = run(small(command, tmp_path, ports, used), env, nodes)[0]
     said = "\n".join(out.values())
+    # Every substitution met its command: a page edited away from the test fails here, not silently.
+    assert used == {old for old, _ in substitutions(tmp_path, ports)}
 
     # Both splits scored every epoch, named on the start-up and epoch lines and in metrics.jsonl.
     assert re.search(r"\(288 train / 10 val / 12 test\)", said), said
