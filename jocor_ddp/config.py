@@ -269,7 +269,8 @@ class MethodConfig:
     # .npy file, each row summing to 1; or true: the matrix of the noise this config drew
     # (symmetric, pairflip, asymmetric; the identity for noise.type none); or auto: the
     # identity (plain cross-entropy) for method.warmup_epochs, then estimated once from the
-    # pair's scoring pass of the training split (the anchor set). docs/methods.md.
+    # pair's scoring pass of the training split (the anchor set), the default for
+    # fcorrection. docs/methods.md.
     transition: Optional[Union[bool, str]] = None
     # method.transition auto: the epochs of plain cross-entropy before T is estimated. 10:
     # the MLP pair on Fashion-MNIST is then near its plain cross-entropy peak (symmetric 50%:
@@ -306,16 +307,16 @@ class MethodConfig:
         checkpoint's config is validated too, and must not need the file)."""
         if self.transition == "true":  # quoted in YAML, or a string from a sweep file
             self.transition = True
+        if self.transition is None and "transition" in get_method(self.name).uses:
+            # What Patrini et al. do where T is not known, and what a sweep's method axis needs:
+            # one name that trains. Written out, so config.yaml says where T came from.
+            self.transition = "auto"
         t = self.transition
-        if t is None:
-            if "transition" in get_method(self.name).uses:
-                raise ConfigError(f"method.transition: method.name={self.name} needs a transition matrix: "
-                                  f"give {TRANSITION_FORMS}")
-        elif t in TRANSITION_WORDS:
+        if t in TRANSITION_WORDS:
             if "transition" not in get_method(self.name).uses:
                 raise ConfigError(f"method.transition: {t}: method.name={self.name} corrects with no transition "
                                   f"matrix, so there is none to estimate; use fcorrection")
-        elif t is not True and (t is False or not t.lower().endswith(TRANSITION_FILES)):
+        elif t is not None and t is not True and (t is False or not t.lower().endswith(TRANSITION_FILES)):
             raise ConfigError(f"method.transition: {t!r} is not one of the allowed forms: {TRANSITION_FORMS}")
 
 

@@ -23,15 +23,13 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 from .config import Config
 from .dist import DistContext
 from .job import CommandError, run_job
 from .noise_rate import ANCHOR_SHARE
 from .trainer import Trainer
-from .transition import (ANCHOR_SET, PATRINI, PATRINI_PERCENTILE, TITLES, estimate_transitions, mean_row_l1,
-                         undecided_line)
+from .transition import (ANCHOR_SET, PATRINI, PATRINI_PERCENTILE, TITLES, draw_matrices, estimate_transitions,
+                         mean_row_l1, undecided_line)
 
 # Matrices of more classes than this are not printed (they are in --out and --heatmap).
 PRINT_MAX_CLASSES = 20
@@ -138,27 +136,13 @@ def pyplot():
 
 
 def draw_heatmap(found: dict, path: str) -> None:
-    """The estimated matrices and the empirical one, side by side, on one colour scale (0-1)."""
-    plt = pyplot()
+    """The estimated matrices and the empirical one, side by side."""
     panels = [(f"{TITLES[name]}" + ("" if found[name]["error"] is None else
                                     f"\nmean row L1 {found[name]['error']:.3f}"), found[name]["matrix"])
               for name in (ANCHOR_SET, PATRINI)]
     if found[EMPIRICAL] is not None:
         panels.append(("empirical (drawn labels)", found[EMPIRICAL]))
-    c = len(panels[0][1])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 4.6), squeeze=False)
-    for ax, (title, matrix) in zip(axes[0], panels):
-        image = ax.imshow(np.asarray(matrix), vmin=0.0, vmax=1.0, cmap="viridis")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("given label j")
-        ax.set_ylabel("clean class i")
-        if c <= 10:  # the values themselves, where they fit
-            for (i, j), v in np.ndenumerate(np.asarray(matrix)):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if v < 0.5 else "black")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="T[i, j]")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    draw_matrices(pyplot(), panels, path)
 
 
 def run(cfg: Config, ctx: DistContext, out: Optional[str], heatmap: Optional[str]) -> None:

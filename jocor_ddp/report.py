@@ -12,9 +12,11 @@ paper's style:
     split that judged (the clean val split where the run scores one, else the noisy held-out
     split) and that split's last-10 mean, and the final label precision; below the table, how
     well validation accuracy ranks the runs against test accuracy (Kendall's tau);
-    DIR/report.json holds the same numbers unrounded;
+    DIR/report.json holds the same numbers unrounded; for each run that estimated its
+    transition matrix (F-correction, method.transition auto) the matrix, with each
+    estimator's distance to the drawn labels' empirical T where noise.json has it;
   - DIR/test_accuracy.png and DIR/label_precision.png: one line per run against the
-    epoch, the legend naming method and noise.
+    epoch, the legend naming method and noise; DIR/transition_RUN.png for a run's estimated T.
 With ``--sweep`` (``tables.py``): the paper's layout, a row per dataset and setting and a
 column per method, each cell the mean ± std over seeds (DIR/table.md, also printed, and
 DIR/table.csv; DIR defaults to the sweep's folder + /report), and per setting the test
@@ -30,6 +32,7 @@ The table is written first; the plots need matplotlib (``pip install -e .[report
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
@@ -41,9 +44,13 @@ import yaml
 from .grid import Run, Sweep, load_sweep
 from .job import CommandError, guarded
 from .registry import display_name
-from .runfolder import CONFIG, METRICS, read_metrics, split_words, write_json
+from .runfolder import CONFIG, METRICS, NOISE, TRANSITION, read_metrics, split_words, write_json
 from .tables import (LAST_EPOCHS, Table, best_acc, best_val_row, build_pick, build_table, kendall_tau,
                      last_epochs_mean, last_epochs_val_mean, mean_acc, pct)
+from .transition import ANCHOR_SET, PATRINI, TITLES, draw_matrices, mean_row_l1
+
+# Matrices of more classes than this are left out of report.md (they are in report.json).
+MARKDOWN_MAX_CLASSES = 10
 
 
 
@@ -60,6 +67,7 @@ class RunSummary:
     best_val_epoch: Optional[int]
     last10_val_acc: Optional[float]         # percent, that split's last-10 mean
     final_label_precision: Optional[float]  # percent, None when the run has no clean labels
+    transition: Optional[dict] = None       # the T it estimated (method.transition auto), see estimated_transition
     rows: list = field(repr=False, default_factory=list)
 
     @property
@@ -104,7 +112,39 @@ def summarize(run: Path, name: str) -> RunSummary:
                       test_acc_at_best_val=None if best_val is None else mean_acc(best_val), val_split=split,
                       best_val_epoch=None if best_val is None else int(best_val["epoch"]),
                       last10_val_acc=last_epochs_val_mean(rows, split),
-                      final_label_precision=100 * precision if precision is not None else None, rows=rows)
+                      final_label_precision=100 * precision if precision is not None else None,
+                      transition=estimated_transition(run, rows), rows=rows)
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """A run folder's JSON record, or None where it is missing or unreadable (with a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text())
+    except ValueError as exc:
+        print(f"warning: {path}: not valid JSON ({exc}); left out", file=sys.stderr)
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def estimated_transition(run: Path, rows: list[dict]) -> Optional[dict]:
+    """The transition matrix a run estimated (method.transition auto), None where it estimated
+    none: the anchor set's T it trained with (RUN/transition.json, exact; the metrics row's
+    4-decimal copy where that file is gone) and Patrini's estimate from the same scoring pass
+    (the row's), each with its mean row L1 distance to the drawn labels' empirical T where
+    RUN/noise.json records one."""
+    row = next((r for r in reversed(rows) if isinstance(r.get("transition_estimate"), dict)), None)
+    if row is None:
+        return None
+    found = row["transition_estimate"]
+    trained = read_json(run / TRANSITION) or {}
+    exact = trained.get("matrix") if str(trained.get("source", "")).startswith("auto: anchor set") else None
+    empirical = (read_json(run / NOISE) or {}).get("empirical_transition")
+    matrices = {ANCHOR_SET: exact or found.get("matrix"), PATRINI: (found.get(PATRINI) or {}).get("matrix")}
+    return {"epoch": found.get("epoch", row["epoch"]), "undecided": found.get("undecided", {}),
+            **matrices, "empirical": empirical,
+            "error": {name: mean_row_l1(m, empirical) if m and empirical else None for name, m in matrices.items()}}
 
 
 def run_names(runs: list[Path]) -> list[str]:
@@ -134,7 +174,27 @@ def markdown_table(summaries: list[RunSummary]) -> str:
     ranking = val_ranking(summaries)
     if ranking:
         lines += ["", ranking]
+    for s in summaries:
+        if s.transition:
+            lines += ["", *transition_markdown(s.name, s.transition)]
     return "\n".join(lines) + "\n"
+
+
+def transition_markdown(name: str, t: dict) -> list[str]:
+    """A run's estimated T: how far each estimate is from the empirical T, then the matrix."""
+    lines = [f"### Transition matrix of {name}: T[i, j] = P(given label j | clean class i), estimated after "
+             f"epoch {t['epoch']} (the {TITLES[ANCHOR_SET]}, what the run trained with)", ""]
+    errors = [f"{TITLES[n]} {t['error'][n]:.3f}" for n in (ANCHOR_SET, PATRINI) if t["error"][n] is not None]
+    if errors:
+        lines += [f"Mean row L1 distance to the empirical T of the drawn labels (noise.json): {', '.join(errors)} "
+                  "(Patrini's estimator from the same scoring pass, for comparison).", ""]
+    if t["undecided"]:
+        lines += [f"Undecided rows, the identity: {', '.join(sorted(t['undecided'], key=int))}.", ""]
+    matrix = t[ANCHOR_SET]
+    if len(matrix) > MARKDOWN_MAX_CLASSES:
+        return lines + [f"({len(matrix)} x {len(matrix)}: in report.json)"]
+    lines += ["| i \\ j | " + " | ".join(map(str, range(len(matrix)))) + " |", "|---|" + "---:|" * len(matrix)]
+    return lines + [f"| {i} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for i, row in enumerate(matrix)]
 
 
 def val_ranking(summaries: list[RunSummary]) -> Optional[str]:
@@ -195,6 +255,16 @@ def plot(summaries: list[RunSummary], out: Path, acc: str) -> list[Path]:
                 if points:
                     ax.plot(*zip(*points), label=label)
         written.append(save_figure(plt, fig, ax, ylabel, out / f"{what}.png", "no run records it"))
+    for s, label in zip(summaries, labels):
+        t = s.transition
+        if t:
+            panels = [(TITLES[n] + ("" if t["error"][n] is None else f"\nmean row L1 {t['error'][n]:.3f}"), t[n])
+                      for n in (ANCHOR_SET, PATRINI) if t[n]]
+            if t["empirical"]:
+                panels.append(("empirical (drawn labels)", t["empirical"]))
+            path = out / f"transition_{s.name.strip('/').replace('/', '_')}.png"
+            draw_matrices(plt, panels, path)
+            written.append(path)
     return written
 
 

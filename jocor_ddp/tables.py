@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 from .grid import SEED_AXIS, Run, RunStatus, Sweep, status
 from .job import CommandError
+from .registry import display_name
 from .runfolder import NOISY_VAL, VALIDATION_SPLITS, acc_keys, has_split, split_words, validation_split
 
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
@@ -149,7 +150,8 @@ class Table:
                "Each cell: mean ± std over the finished seeds (the sample std, from two seeds on); "
                "'+k unfinished' / 'not started': runs not in the mean."]
         for figure, title in TITLES.items():
-            out += ["", f"## {title}", "", "| dataset | setting | " + " | ".join(self.methods) + " |",
+            head = " | ".join(map(display_name, self.methods))
+            out += ["", f"## {title}", "", f"| dataset | setting | {head} |",
                     "|---|---|" + "---:|" * len(self.methods)]
             for dataset, setting in self.rows:
                 cells = [self.cell(dataset, setting, m).text(figure) for m in self.methods]

@@ -158,3 +158,23 @@ def correction_estimate(evidence: dict, num_classes: int, epoch: int) -> tuple[n
 def mean_row_l1(estimate: np.ndarray, reference: np.ndarray) -> float:
     """The mean over rows of the L1 distance between two transition matrices (0 to 2)."""
     return float(np.abs(np.asarray(estimate) - np.asarray(reference)).sum(1).mean())
+
+
+def draw_matrices(plt, panels: list[tuple[str, list]], path) -> None:
+    """Transition matrices side by side on one colour scale (0-1), each panel (title, C x C),
+    written to ``path`` (PNG). ``plt``: matplotlib's pyplot, which the caller imports (with its
+    own line where matplotlib is missing), so that this module needs only numpy."""
+    c = len(panels[0][1])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 4.6), squeeze=False)
+    for ax, (title, matrix) in zip(axes[0], panels):
+        image = ax.imshow(np.asarray(matrix), vmin=0.0, vmax=1.0, cmap="viridis")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("given label j")
+        ax.set_ylabel("clean class i")
+        if c <= 10:  # the values themselves, where they fit
+            for (i, j), v in np.ndenumerate(np.asarray(matrix)):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if v < 0.5 else "black")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="T[i, j]")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

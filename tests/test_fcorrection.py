@@ -85,8 +85,8 @@ def test_the_tolerance_is_the_stated_one(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["method.name=fcorrection"], r"method\.transition: method\.name=fcorrection needs a transition matrix: give a "
-                                  r"\.json, \.csv or \.npy file .*, true \(.*\) or auto \(estimated after method\.warmup_epochs\)$"),
+    (["method.name=fcorrection", "train.epochs=10"],  # no method.transition: auto, whose warm-up must fit
+     r"^method\.warmup_epochs: 10 with train\.epochs=10: method\.transition auto estimates T"),
     (["method.name=standard", "method.transition=auto"],
      r"^method\.transition: auto: method\.name=standard corrects with no transition matrix, so there is none to "
      r"estimate; use fcorrection$"),
@@ -111,9 +111,12 @@ def test_fcorrection_without_a_usable_matrix_is_a_config_error(overrides, messag
         load_config(None, overrides)
 
 
-def test_auto_is_accepted_for_fcorrection_with_a_warmup_below_the_epochs():
-    cfg = load_config(None, ["method.name=fcorrection", "method.transition=auto", "train.epochs=11"])
+@pytest.mark.parametrize("given", [["method.transition=auto"], [], ["method.transition=null"]])
+def test_auto_is_accepted_for_fcorrection_with_a_warmup_below_the_epochs(given):
+    # auto is also the default: a sweep's method axis names fcorrection and nothing else.
+    cfg = load_config(None, ["method.name=fcorrection", *given, "train.epochs=11"])
     assert (cfg.method.transition, cfg.method.warmup_epochs, cfg.method.reinit_after_warmup) == ("auto", 10, True)
+    assert load_config(None, ["method.name=jocor"]).method.transition is None
     t = resolve_transition(cfg.method, "symmetric", 4, None, labels_noisy=False)
     assert np.array_equal(t.matrix, np.eye(4)) and t.source == "auto: warm-up"
 

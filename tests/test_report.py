@@ -75,6 +75,46 @@ def test_plots_and_table_from_a_real_run(tiny_run, tmp_path):
     assert line in (out / "report.md").read_text() and line in proc.stdout
 
 
+def test_a_run_that_estimated_t_shows_it_with_both_errors(tmp_path, capsys):
+    # An F-correction auto run on 3 classes: the row of the estimate epoch carries both
+    # estimates (4 decimals), transition.json the exact T it trained with, noise.json the
+    # drawn labels' empirical T. The errors are the mean row L1 distances, by hand.
+    exact = [[0.7, 0.2, 0.1], [0.05, 0.9, 0.05], [0.0, 0.25, 0.75]]
+    patrini = [[0.6, 0.3, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]
+    empirical = [[0.8, 0.1, 0.1], [0.0, 1.0, 0.0], [0.0, 0.25, 0.75]]
+    rows = [row(e, 50.0, 52.0) for e in range(1, 5)]
+    rows[1]["transition_estimate"] = {"source": "anchor_set", "epoch": 2, "matrix": [[0.7, 0.2, 0.1]] * 3,
+                                      "undecided": {"2": "too few anchors"}, "patrini": {"matrix": patrini}}
+    run = write_run(tmp_path / "fc", rows, method="fcorrection", noise=("pairflip", 0.25), transition="auto")
+    (run / "transition.json").write_text(json.dumps({"source": "auto: anchor set, epoch 2", "classes": 3,
+                                                     "matrix": exact}))
+    (run / "noise.json").write_text(json.dumps({"type": "pairflip", "empirical_transition": empirical}))
+    plain = write_run(tmp_path / "plain", rows[:1] + rows[2:])
+    out = tmp_path / "out"
+    assert report.main([str(run), str(plain), "--out", str(out), "--no-plots"]) == 0
+    md = (out / "report.md").read_text()
+    # anchor set: rows (0.1+0.1+0) (0.05+0.1+0.05) (0) -> 0.4 / 3; Patrini: (0.2+0.2+0) (0.1+0.2+0.1) (0.2+0.05+0.15)
+    assert ("### Transition matrix of fc: T[i, j] = P(given label j | clean class i), estimated after epoch 2 (the "
+            "anchor set, what the run trained with)\n\nMean row L1 distance to the empirical T of the drawn labels "
+            "(noise.json): anchor set 0.133, Patrini 0.400") in md
+    assert "Undecided rows, the identity: 2." in md
+    assert "| i \\ j | 0 | 1 | 2 |\n|---|---:|---:|---:|\n| 0 | 0.700 | 0.200 | 0.100 |\n| 1 | 0.050 | 0.900 |" in md
+    assert md.count("### Transition matrix") == 1  # the plain run estimated none
+    saved = {s["name"]: s["transition"] for s in json.loads((out / "report.json").read_text())}
+    assert saved["plain"] is None and saved["fc"]["anchor_set"] == exact
+    assert saved["fc"]["error"]["patrini"] == pytest.approx(1.2 / 3, abs=1e-12)
+    pytest.importorskip("matplotlib")
+    assert report.main([str(run), str(plain), "--out", str(out)]) == 0
+    assert (out / "transition_fc.png").read_bytes().startswith(PNG_MAGIC)
+    assert not (out / "transition_plain.png").exists()
+    # Without transition.json the row's copy is used; without noise.json there is no error to give.
+    (run / "transition.json").unlink()
+    (run / "noise.json").unlink()
+    assert report.main([str(run), "--out", str(out), "--no-plots"]) == 0
+    md = (out / "report.md").read_text()
+    assert "Mean row L1" not in md and "| 1 | 0.700 | 0.200 | 0.100 |" in md
+
+
 def test_without_matplotlib_the_table_is_still_written(hand_runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     out = tmp_path / "out"

@@ -74,8 +74,14 @@ def test_shipped_sweeps_validate(path):
                    and r.cfg.method.name == "jocor" for r in sweep.runs)
         return
     assert all(r.cfg.train.epochs == 200 for r in sweep.runs)
-    assert len(sweep.runs) == n_settings * 5 * 3
-    assert sweep.axes["method.name"] == ["standard", "decoupling", "coteaching", "coteaching_plus", "jocor"]
+    assert len(sweep.runs) == n_settings * 6 * 3
+    # The paper's six methods in its column order; F-correction estimates T in the run.
+    assert sweep.axes["method.name"] == ["standard", "fcorrection", "decoupling", "coteaching", "coteaching_plus",
+                                         "jocor"]
+    assert {r.cfg.method.transition for r in sweep.runs if r.method == "fcorrection"} == {"auto"}
+    if path.stem == "fashion_mnist":
+        instance = {r.setting: r.cfg.noise.rate for r in sweep.runs if r.cfg.noise.type == "instance"}
+        assert instance == {"instance20": 0.2, "instance40": 0.4}
     if path.stem.startswith("paper_"):
         assert set(sweep.paper) == set(sweep.axes["setting"])
         dataset = path.stem.removeprefix("paper_")
@@ -254,7 +260,7 @@ def test_report_mean_and_std_match_a_hand_computation(tmp_path):
     md = (out / "table.md").read_text()
     jocor_cell = f"{statistics.fmean(jocor):.2f} ± {statistics.stdev(jocor):.2f}"
     standard_cell = f"{statistics.fmean(standard):.2f} ± {statistics.stdev(standard):.2f} (+1 unfinished)"
-    assert f"| MNIST | sym20 | {standard_cell} | {jocor_cell} |" in md
+    assert f"| dataset | setting | Standard | JoCoR |\n|---|---|---:|---:|\n| MNIST | sym20 | {standard_cell} | {jocor_cell} |" in md
     assert "| | sym20, paper | 79.56 | 98.06 |" in md
     # Nothing finished: the cell says where the run stands instead of a number.
     (tmp_path / "table" / "sym20-standard-seed1" / "metrics.jsonl").write_text(
@@ -265,6 +271,26 @@ def test_report_mean_and_std_match_a_hand_computation(tmp_path):
     picked = tmp_path / "picked"
     assert report.main(["--sweep", str(path), "--out", str(picked), "--no-plots", "--where", "method.name=jocor"]) == 0
     assert f"| MNIST | sym20 | {jocor_cell} |" in (picked / "table.md").read_text()
+
+
+def test_the_table_has_the_papers_six_methods_in_its_order(tmp_path):
+    import random
+    rng = random.Random(2)
+    methods = load_sweep(REPO / "configs" / "sweeps" / "fashion_mnist.yaml").axes["method.name"]
+    path = write_sweep(tmp_path, "six", {"setting": {"instance40": {"noise.type": "instance", "noise.rate": 0.4}},
+                                         "method.name": methods, "train.seed": [1]}, epochs=12)
+    last10 = {}
+    for run in load_sweep(path).runs:
+        rows = _rows(rng, 12)
+        run.dir.mkdir(parents=True)
+        (run.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        last10[run.method] = statistics.fmean((r["test_acc1"] + r["test_acc2"]) / 2 for r in rows[-10:])
+    out = tmp_path / "out"
+    assert report.main(["--sweep", str(path), "--out", str(out), "--no-plots"]) == 0
+    md = (out / "table.md").read_text()
+    cells = " | ".join(f"{last10[m]:.2f}" for m in methods)
+    assert (f"| dataset | setting | Standard | F-correction | Decoupling | Co-teaching | Co-teaching+ | JoCoR |\n"
+            f"|---|---|---:|---:|---:|---:|---:|---:|\n| MNIST | instance40 | {cells} |") in md
 
 
 @pytest.mark.slow
