@@ -72,6 +72,12 @@ def _positive(key: str, value: int) -> None:
         raise ConfigError(f"{key}: must be a positive number, got {value!r}")
 
 
+def _seed_fits(key: str, value: int) -> None:
+    # torch.manual_seed overflows from 2**64 on, and train.seed + 1 seeds the re-initialised pair.
+    if value >= 2**63:
+        raise ConfigError(f"{key}: must be below 2**63, got {value!r}")
+
+
 # "train" is trained on; the held-out share of its labels (data.noisy_val_fraction) is scored
 # as NOISY_VAL. Neither can be an evaluation split of the shards.
 NOT_EVAL_SPLITS = ("train", NOISY_VAL)
@@ -220,6 +226,8 @@ class NoiseConfig:
     def __post_init__(self):
         _choice("noise.type", self.type, NOISE_TYPES)
         _range("noise.rate", self.rate, 0.0, 1.0)
+        _at_least("noise.seed", self.seed, 0)  # numpy's generators take no negative seed
+        _seed_fits("noise.seed", self.seed)
         if self.type == "none" and self.rate != 0.0:
             raise ConfigError("noise.rate: must be 0 when noise.type is 'none'")
         if self.type == "file" and not self.file:
@@ -371,6 +379,8 @@ class TrainConfig:
                 _positive(f"train.{key}", getattr(self, key))
         _above("train.lr", self.lr, 0)
         _at_least("train.epoch_decay_start", self.epoch_decay_start, 0)
+        _at_least("train.seed", self.seed, 0)
+        _seed_fits("train.seed", self.seed)
         _choice("train.device", self.device, DEVICES)
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.on_nonfinite", self.on_nonfinite, NONFINITE)
@@ -490,6 +500,8 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if hint is str:
+        if isinstance(value, str) and "\0" in value:  # no path or name holds one; os calls refuse it
+            raise ConfigError(f"{key}: holds a NUL character: {value!r}")
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -525,10 +537,40 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last silently, so the value a user reads first would not be the one used."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            except TypeError:
+                break  # an unhashable key: the base class refuses it, naming the line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as Python values, with duplicate keys and what yaml raises besides its own
+    errors on hostile text (nesting deeper than the recursion limit, an integer of more digits
+    than Python converts) raised as yaml.YAMLError."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+    except ValueError as exc:  # int() of a literal past sys.get_int_max_str_digits()
+        raise yaml.YAMLError(str(exc).split(":")[0]) from None
 
 
 def _set(tree: dict, path: list[str], value: Any) -> None:
@@ -547,7 +589,14 @@ def read_yaml_mapping(path: str | Path, what: str = "config file", *, empty_ok: 
     if not p.is_file():
         raise ConfigError(f"{what} {path}: not found")
     try:
-        loaded = yaml.safe_load(p.read_text())
+        text = p.read_text()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot be read: {exc.strerror or exc}") from None
+    try:
+        loaded = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
