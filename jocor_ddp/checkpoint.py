@@ -13,6 +13,8 @@ import os
 import pickle
 import re
 import sys
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -64,22 +66,51 @@ def save_checkpoint(state: dict, folder: Path, step: int, keep: int) -> Path:
     return final
 
 
+def damaged_record(path: Path) -> Optional[str]:
+    """The first record of a torch zip file whose CRC-32 does not match its bytes, or None.
+    torch's reader does not check them: a flipped bit inside a tensor would load unnoticed."""
+    if not zipfile.is_zipfile(path):
+        return None  # not a zip (torch's legacy format, garbage): torch.load says what it is
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip()
+    except Exception as exc:  # a damaged directory or header: zipfile's errors are of many kinds
+        return f"the zip directory ({type(exc).__name__}: {exc})"
+
+
+def load_weights_only(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a file its CRC-32s vouch for. Errors are one line
+    that does not name the file (the caller does): CheckpointError, or UnsafeCheckpointError
+    for a pickle that only a full unpickler could build."""
+    bad = damaged_record(path)
+    if bad is not None:
+        raise CheckpointError(f"damaged: {bad} fails its CRC-32 check (a flipped bit or a partial copy)")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about a foreign pickle protocol before refusing the file: the refusal says it.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses any global outside tensors and plain containers.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if "Unsupported" in line or "unsupported" in line), lines[-1])
+        raise UnsafeCheckpointError(
+            f"refused: it holds objects that only a full unpickler could build (they could run code), so "
+            f"nothing in it was loaded or run. Detail: {detail}") from None
+    except Exception as exc:  # truncated zip, bad magic, EOF, ...
+        raise CheckpointError(f"cannot be read ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # weights_only refuses any global outside tensors and plain containers.
-        lines = [line.strip() for line in str(exc).splitlines()]
-        detail = next((line for line in lines if "Unsupported" in line or "unsupported" in line), lines[-1])
-        raise UnsafeCheckpointError(
-            f"checkpoint {path} refused: it holds objects that only a full unpickler could build "
-            f"(they could run code), so nothing in it was loaded or run. Delete it unless you made "
-            f"it yourself. Detail: {detail}") from None
-    except Exception as exc:  # truncated zip, bad magic, EOF, ...
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc})") from None
+        state = load_weights_only(path)
+    except UnsafeCheckpointError as exc:
+        raise UnsafeCheckpointError(f"checkpoint {path} {exc}. Delete it unless you made it yourself.") from None
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
     if not isinstance(state, dict) or not isinstance(state.get("format"), int):
         raise CheckpointError(f"checkpoint {path}: not a jocor_ddp checkpoint (no format marker)")
     return state

@@ -13,10 +13,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 
+from .checkpoint import load_weights_only
 from .config import ConfigError, NoiseConfig
 
 
@@ -205,6 +206,41 @@ def instance_noisy_labels(images: Union[np.ndarray, ImageChunks], clean: np.ndar
     return gen.labels()
 
 
+def _entry(data: Any, key: Optional[str], path: str) -> Any:
+    """The labels a loaded file holds: the whole file, or its entry ``key`` (a dict's: .json, torch)."""
+    if isinstance(data, dict):
+        names = sorted(map(str, data))
+        if key is None:
+            raise ConfigError(f"noise.file_key: {path} holds {names}; name one")
+        if key not in data:
+            raise ConfigError(f"noise.file_key: {key!r} not in {path}; it holds {names}")
+        return data[key]
+    if key is not None:
+        raise ConfigError(f"noise.file_key: {key!r}, but {path} holds one {type(data).__name__} of labels, "
+                          f"not named entries; leave noise.file_key unset")
+    return data
+
+
+def _integer_labels(raw: Any, path: str) -> np.ndarray:
+    """``raw`` as a flat array of whole numbers (the dtype they came in), or an error naming
+    the first sample that is not one: a cast would truncate 2.7 to 2 and NaN to a huge int."""
+    labels = np.asarray(raw).reshape(-1)
+    if labels.dtype.kind in "iu":
+        return labels
+    if labels.dtype.kind == "f":
+        whole = np.isfinite(labels) & (labels == np.round(labels))
+    elif labels.dtype.kind == "O":  # Python ints past int64 (a .json of huge numbers), or mixed kinds
+        whole = np.array([isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels], dtype=bool)
+    else:
+        whole = np.zeros(labels.shape, dtype=bool)
+    bad = np.flatnonzero(~whole)
+    if bad.size:
+        value = labels[bad[0]]
+        raise ConfigError(f"noise.file: {path}: sample {bad[0]} has label "
+                          f"{(value.item() if hasattr(value, 'item') else value)!r}, not a whole number")
+    return labels
+
+
 def load_label_file(path: str, key: Optional[str], n: int, num_classes: int) -> np.ndarray:
     """Per-sample labels from a user file (human-noise label sets such as CIFAR-10N)."""
     p = Path(path)
@@ -213,31 +249,23 @@ def load_label_file(path: str, key: Optional[str], n: int, num_classes: int) -> 
     suffix = p.suffix.lower()
     try:
         if suffix == ".npy":
-            labels = np.load(p, allow_pickle=False)
+            labels = _entry(np.load(p, allow_pickle=False), key, path)
         elif suffix in (".txt", ".csv"):
-            labels = np.array([int(line.split(",")[-1]) for line in p.read_text().split("\n")
-                               if line.strip()], dtype=np.int64)
+            labels = _entry(np.array([int(line.split(",")[-1]) for line in p.read_text().split("\n")
+                                      if line.strip()], dtype=np.int64), key, path)
         elif suffix == ".json":
-            data = json.loads(p.read_text())
-            labels = np.asarray(data[key] if key else data, dtype=np.int64)
+            labels = _entry(json.loads(p.read_text()), key, path)
         elif suffix in (".pt", ".pth"):
-            import torch
-            data = torch.load(p, map_location="cpu", weights_only=True)
-            if isinstance(data, dict):
-                if key is None:
-                    raise ConfigError(f"noise.file_key: {path} holds {sorted(data)}; name one")
-                if key not in data:
-                    raise ConfigError(f"noise.file_key: {key!r} not in {path}; it holds {sorted(data)}")
-                data = data[key]
-            labels = np.asarray(data.numpy() if hasattr(data, "numpy") else data, dtype=np.int64)
+            data = _entry(load_weights_only(p), key, path)
+            labels = data.numpy() if hasattr(data, "numpy") else data
         else:
             raise ConfigError(f"noise.file: {path}: unsupported format {suffix!r} "
                               f"(use .npy, .txt, .csv, .json or .pt)")
+        labels = _integer_labels(labels, path)
     except ConfigError:
         raise
     except Exception as exc:  # a corrupt or unsafe file: say which and why
         raise ConfigError(f"noise.file: cannot read labels from {path}: {exc}") from None
-    labels = np.asarray(labels).reshape(-1)
     if labels.shape[0] != n:
         raise ConfigError(f"noise.file: {path} has {labels.shape[0]} labels, the training split has {n}")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
