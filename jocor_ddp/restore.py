@@ -10,7 +10,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -75,6 +75,15 @@ def checkpoint_config(state: TrainingState, path: Path, *, shards: Optional[str]
         raise ConfigError(f"checkpoint {path}: its config cannot be used here: {exc}") from None
 
 
+def _check_meta(meta: Any, path: Path) -> None:
+    """The sizes the pair is rebuilt with: a damaged record must fail here, by name."""
+    ok = (isinstance(meta, dict) and isinstance(meta.get("classes"), list) and meta["classes"]
+          and all(isinstance(meta.get(k), int) and meta[k] > 0 for k in ("in_channels", "image_size")))
+    if not ok:
+        raise CheckpointError(f"checkpoint {path}: its data_meta is incomplete or damaged (classes, in_channels "
+                              f"and image_size are needed to rebuild the pair): {str(meta)[:200]}")
+
+
 def restore(path: str | Path, *, with_data: bool, shards: Optional[str] = None, split: Optional[str] = None,
             root: Optional[str] = None, device: str = "auto") -> Restored:
     """Load ``path`` (safely), rebuild its config and pair on the device, and the data when
@@ -85,6 +94,8 @@ def restore(path: str | Path, *, with_data: bool, shards: Optional[str] = None, 
     dev = pick_device(device)
     meta = state.data_meta
     bundle = None
+    if meta is not None:
+        _check_meta(meta, path)
     if with_data or meta is None:
         bundle = build_data(cfg, DistContext(device=dev))
         if meta is None:

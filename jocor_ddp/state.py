@@ -23,6 +23,7 @@ offline commands alike; it also reads the format-1 files written before this rec
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -72,9 +73,22 @@ def read_state(path: str | Path) -> TrainingState:
         elif raw.get("format") != FORMAT:
             raise CheckpointError(f"checkpoint {path}: format {raw.get('format')!r}; this version reads 1 and {FORMAT}")
         names = {f.name for f in dataclasses.fields(TrainingState)}
-        return TrainingState(**{k: v for k, v in raw.items() if k in names})
+        return _checked(TrainingState(**{k: v for k, v in raw.items() if k in names}))
     except (KeyError, TypeError, ConfigError) as exc:
         raise CheckpointError(f"checkpoint {path}: incomplete or damaged ({type(exc).__name__}: {exc})") from None
+
+
+def _checked(state: TrainingState) -> TrainingState:
+    """``state`` if each part is of its declared type (and a count not negative), else a
+    TypeError naming the part: a damaged field must fail here, not deep in the command that reads it."""
+    for name, hint in typing.get_type_hints(TrainingState).items():
+        value = getattr(state, name)
+        kinds = tuple(typing.get_args(hint)) or (hint,)  # Optional[dict]: (dict, NoneType)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise TypeError(f"{name} is a {type(value).__name__}, not a {' or '.join(k.__name__ for k in kinds)}")
+        if isinstance(value, int) and value < 0:
+            raise TypeError(f"{name} is {value}, a negative count")
+    return state
 
 
 def _from_format_1(old: dict) -> dict:
