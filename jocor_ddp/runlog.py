@@ -1,4 +1,5 @@
-"""The run folder's record: config.yaml and noise.json when a run starts, transition.json once
+"""The run folder's record: config.yaml and noise.json when a run starts (once its checkpoint
+is read), transition.json once
 the run's F-correction matrix is settled (after a resume), one metrics.jsonl
 row per epoch (with TensorBoard scalars under log.tensorboard), the epoch line on stdout,
 and the rows of epochs a checkpoint does not hold dropped on resume. Rank 0 writes; a
@@ -18,24 +19,33 @@ from .runfolder import (CONFIG, METRICS, NOISE, NOISY_VAL, TENSORBOARD, TRANSITI
 
 class RunLog:
     def __init__(self, cfg: Config, ctx: DistContext, noise: Optional[dict]):
-        self.cfg, self.ctx = cfg, ctx
+        self.cfg, self.ctx, self.noise = cfg, ctx, noise
         self.dir = Path(cfg.run.dir)
         self.metrics = self.dir / METRICS
-        agree(ctx, lambda: self._prepare(noise))
+        agree(ctx, lambda: self._writing(lambda: self.dir.mkdir(parents=True, exist_ok=True)))
         self.tensorboard = self._open_tensorboard()
 
-    def _prepare(self, noise: Optional[dict]) -> None:
+    def _writing(self, fn) -> None:
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if self.metrics.is_file() and earlier_names(self.dir)[0]:
-                # Written by an earlier version: its rows take today's names before config.yaml,
-                # which says how to read them, is rewritten (read_metrics drops a line cut short).
-                self.metrics.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(self.metrics).rows))
-            (self.dir / CONFIG).write_text(dump_config(self.cfg))
-            if noise is not None:
-                (self.dir / NOISE).write_text(json.dumps(noise, indent=1))
+            fn()
         except OSError as exc:
             raise ConfigError(f"run.dir: cannot write the run folder {self.dir}: {exc}") from None
+
+    def begin(self, completed_epochs: int) -> None:
+        """config.yaml and noise.json, and the rows of epochs after ``completed_epochs`` dropped:
+        on rank 0 (inside dist.agree), once the run knows where it starts, so that a start refused
+        on a bad checkpoint leaves the folder as it was."""
+        self._writing(self._record)
+        self.truncate(completed_epochs)
+
+    def _record(self) -> None:
+        if self.metrics.is_file() and earlier_names(self.dir)[0]:
+            # Written by an earlier version: its rows take today's names before config.yaml,
+            # which says how to read them, is rewritten (read_metrics drops a line cut short).
+            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(self.metrics).rows))
+        (self.dir / CONFIG).write_text(dump_config(self.cfg))
+        if self.noise is not None:
+            (self.dir / NOISE).write_text(json.dumps(self.noise, indent=1))
 
     def write_transition(self, record: dict) -> None:
         """RUN/transition.json: the matrix the run corrects with and where it came from."""

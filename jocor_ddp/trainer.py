@@ -299,7 +299,7 @@ class Trainer:
         if self.ctx.is_main:
             print(f"resumed from {chosen}: epoch {state.epoch + 1}, step {state.step_in_epoch}, "
                   f"global step {state.global_step}", flush=True)
-            self.runlog.truncate(state.epoch)
+        agree(self.ctx, lambda: self.runlog.begin(state.epoch))
         return state
 
     def _start_fresh(self) -> None:
@@ -315,7 +315,7 @@ class Trainer:
             folder.rename(aside)
             reason = "none could be loaded" if self.cfg.train.resume == "auto" else "train.resume=never"
             print(f"warning: starting fresh ({reason}); the earlier checkpoints were moved to {aside}", flush=True)
-        self.runlog.truncate(0)
+        self.runlog.begin(0)
 
     def _load_state(self, state: TrainingState, path: str) -> TrainingState:
         """Each part loads its own; the epoch's counters wait for ``begin_epoch``."""

@@ -158,7 +158,9 @@ def test_a_run_continued_by_this_version_renames_its_rows_once(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(OLD / "noisy_val", run)
     cfg = load_config(None, train_args(OLD / "none", run, "data.noisy_val_fraction=0.2", entry=()))
-    RunLog(cfg, DistContext(), None).close()
+    log = RunLog(cfg, DistContext(), None)
+    log.begin(len(read_metrics(run / METRICS).rows))  # continued from its last checkpoint
+    log.close()
     assert "noisy_val_acc1" in (run / METRICS).read_text() and "val_acc1\"" not in \
         (run / METRICS).read_text().replace("noisy_val_acc1\"", "")
     assert "eval_splits" in (run / CONFIG).read_text()
