@@ -71,3 +71,10 @@ def pytest_collection_modifyitems(config, items):
             skip = pytest.mark.skip(reason=f"needs a Docker engine ({missing}); bash .ci/run starts one")
             for item in docker_items:
                 item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The count of tests/test_fuzz.py's malformed inputs, when it ran."""
+    fuzz = sys.modules.get("fuzz_inputs")
+    if fuzz is not None and any(c["tried"] for c in fuzz.TALLY.values()):
+        terminalreporter.write_line(fuzz.summary())
