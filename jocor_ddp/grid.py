@@ -221,6 +221,11 @@ def load_sweep(path: str | Path) -> Sweep:
     paper = spec.get("paper") or {}
     if not isinstance(paper, dict) or not all(isinstance(v, dict) for v in paper.values()):
         raise SweepError(f"{_where(path, 'paper')}: expected setting -> method -> figure")
+    for s, row in paper.items():
+        for m, f in row.items():
+            if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))):
+                raise SweepError(f"{_where(path, f'paper.{s}.{m}')}: expected a number (the paper's figure) "
+                                 f"or null, got {f!r}")
     return Sweep(path, base_dir, {a: [v[0] for v in vals] for a, vals in axes.items()}, runs,
                  {str(s): {str(m): float(f) for m, f in row.items() if f is not None} for s, row in paper.items()},
                  str(spec.get("description") or ""))
