@@ -39,7 +39,7 @@ from .checkpoint import CheckpointError
 from .methods.jocor import jocor_loss
 from .methods.selection import num_remember
 from .job import CommandError, guarded
-from .restore import Restored, add_restore_args, restore
+from .restore import Restored, add_restore_args, check_out, restore
 from .runfolder import write_json
 
 SHARE_WINDOW = 10  # recent epochs the kept share is taken over
@@ -169,6 +169,8 @@ def audit(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     if out.suffix == ".json" or out.is_dir():
         raise CommandError(f"--out {out}: name a CSV file (the summary goes beside it as .json)")
+    for written in (out, out.with_suffix(".json")):
+        check_out(written)
     r = restore(args.checkpoint, with_data=True, shards=args.shards, root=args.root, device=args.device)
     cols = score_train(r)
     n = cols["given"].shape[0]

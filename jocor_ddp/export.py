@@ -27,7 +27,7 @@ from .checkpoint import CheckpointError
 from .config import ModelConfig
 from .models import build_network
 from .job import CommandError, guarded
-from .restore import Restored, restore
+from .restore import Restored, check_out, restore
 from .runfolder import METRICS, acc_keys, read_metrics, run_dir_of, validation_split
 from .state import TrainingState
 
@@ -148,6 +148,7 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
 
 
 def run(args: argparse.Namespace) -> None:
+    check_out(Path(args.out))
     r = restore(args.checkpoint, with_data=False, root=args.root, device="cpu")
     if args.net == "best":
         net, why = choose_net(r.path, r.state, args.by)

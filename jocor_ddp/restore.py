@@ -14,13 +14,14 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CHECKPOINT_RE, CheckpointError
 from .config import Config, ConfigError, config_from_dict, upgrade_config
-from .data import DataBundle, build_data
+from .data import DataBundle, DataError, build_data
 from .dist import DistContext, pick_device
 from .job import CommandError
 from .models import ModelPair, build_pair
 from .progress import Progress, progress_enabled
+from .runfolder import CHECKPOINTS, CONFIG, METRICS, NOISE, TRANSITION
 from .state import TrainingState, read_state
 from .step import autocast
 
@@ -97,7 +98,10 @@ def restore(path: str | Path, *, with_data: bool, shards: Optional[str] = None, 
     if meta is not None:
         _check_meta(meta, path)
     if with_data or meta is None:
-        bundle = build_data(cfg, DistContext(device=dev))
+        try:
+            bundle = build_data(cfg, DistContext(device=dev))
+        except DataError as exc:  # the data is the checkpoint's config's: say whose, or a stray file hides it
+            raise DataError(f"checkpoint {path}: its data ({cfg.data.name}): {exc}") from None
         if meta is None:
             meta = bundle.meta
         elif len(meta["classes"]) != bundle.num_classes:
@@ -114,6 +118,16 @@ def restore(path: str | Path, *, with_data: bool, shards: Optional[str] = None, 
             f"classes and {meta['in_channels']}x{meta['image_size']}x{meta['image_size']} inputs: "
             f"{str(exc).splitlines()[0]}") from None
     return Restored(path, state, cfg, pair.to(dev).eval(), dev, meta, bundle)
+
+
+def check_out(out: Path) -> None:
+    """An output file of an offline command must not overwrite a run's own record: a checkpoint,
+    or config.yaml, noise.json, transition.json, metrics.jsonl of a run folder."""
+    folder = out.parent
+    in_run = (folder / METRICS).is_file() or (folder / CHECKPOINTS).is_dir()
+    if (folder.name == CHECKPOINTS and CHECKPOINT_RE.match(out.name)) or (
+            in_run and out.name in (CONFIG, NOISE, TRANSITION, METRICS)):
+        raise CommandError(f"--out {out}: would overwrite the run's own {out.name}; name another file")
 
 
 def add_restore_args(p) -> None:
