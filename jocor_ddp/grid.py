@@ -53,7 +53,11 @@ def yaml_value(value: Any) -> str:
     if isinstance(value, list):  # data.eval_splits: [val, test]; JSON is YAML, read back as the list
         return json.dumps(value)
     text = str(value)
-    return text if yaml.safe_load(text) == text and "\n" not in text else json.dumps(text)
+    try:
+        plain = yaml.safe_load(text) == text and "\n" not in text
+    except yaml.YAMLError:  # a character YAML refuses unquoted (a control character): JSON escapes it
+        plain = False
+    return text if plain else json.dumps(text)
 
 
 def label(axis: str, value: Any) -> str:

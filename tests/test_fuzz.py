@@ -192,7 +192,7 @@ def test_bad_configs_and_overrides(case, data, run, scratch):
     text, overrides, names = case
     path = scratch / "fuzzed.yaml"
     path.write_bytes(text)
-    argv = ["--config", str(path), f"run.dir={run}", "log.progress=never", *overrides]
+    argv = ["--config", str(path), f"run.dir={run}", *overrides]
     in_run("config", run, train.main, argv, [str(path), *names])
 
 
@@ -504,11 +504,14 @@ def _args_case(draw, run: Path, ck: Path, folder: Path):
         return main, [str(broken)], [str(broken)]
     main = {"evaluate": evaluate.main, "export": export.main, "audit": audit.main}[command]
     out = ["--out", str(folder / ("m.pt" if command == "export" else "a.csv" if command == "audit" else "ev"))]
-    case = draw(st.sampled_from(["missing", "folder", "shards", "root", "device", "extra"] +
+    case = draw(st.sampled_from(["missing", "folder", "shards", "root", "device", "extra", "overwrite"] +
                                 (["split"] if command == "evaluate" else []) +
                                 (["top"] if command == "audit" else []) + (["net", "by"] if command == "export" else [])))
     if case == "missing":
         return main, [missing, *out], [missing]
+    if case == "overwrite" and command != "evaluate":  # the run's own files as the output
+        target = draw(st.sampled_from([ck, run / "metrics.jsonl", run / "config.yaml", run / "noise.csv"]))
+        return main, [str(ck), "--out", str(target)], ["would overwrite the run's own"]
     if case == "folder":
         return main, [str(run), *out], [str(run)]
     if case == "shards":
@@ -708,3 +711,30 @@ def test_a_sweep_files_paper_figure_that_is_not_a_number_is_named(tmp_path, caps
     assert sweep.main([str(path), "--list"]) == 2
     assert capsys.readouterr().err == (f"error: {path}: paper.sym50.jocor: expected a number (the paper's figure) "
                                        f"or null, got 'x'\n")
+
+
+@pytest.mark.parametrize("command, name", [(export.main, "checkpoints/step-16.pt"), (export.main, "metrics.jsonl"),
+                                           (audit.main, "config.yaml"), (audit.main, "noise.csv")])
+def test_an_output_onto_the_runs_own_files_is_refused(tiny_run, tmp_path, capsys, command, name):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    before = snapshot(run)
+    assert command([str(final_checkpoint(run)), "--out", str(run / name)]) == 2
+    assert "would overwrite the run's own" in capsys.readouterr().err
+    assert damage(before, snapshot(run)) == ""
+
+
+def test_a_sweep_axis_value_yaml_refuses_unquoted_is_named_by_its_key(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(SWEEP_BASE))
+    path.write_text(yaml.safe_dump({"base": str(tmp_path / "base.yaml"), "dir": str(tmp_path / "sweep"),
+                                    "axes": {"setting": {"a": {"model.arch": "mlp\x1f"}}}}))
+    assert sweep.main([str(path), "--list"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: run 0 (a): model.arch: 'mlp\\x1f' is not one of") and err.count("\n") == 1
+
+
+def test_a_checkpoint_of_another_dataset_is_named_with_its_data(tiny_run, tmp_path, capsys):
+    ck = tmp_path / "step-16.pt"
+    torch.save(_edited(torch.load(final_checkpoint(tiny_run), weights_only=True), "config", {"data.name": "cifar10"}), ck)
+    assert evaluate.main([str(ck), "--out", str(tmp_path / "ev")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: checkpoint {ck}: its data (cifar10): cifar10: data_batch_1 not found")
