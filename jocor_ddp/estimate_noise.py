@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Config
-from .dist import DistContext
+from .dist import DistContext, agree
 from .job import CommandError, run_job
 from .noise_rate import ANCHOR_SHARE
 from .trainer import Trainer
@@ -149,6 +149,7 @@ def run(cfg: Config, ctx: DistContext, out: Optional[str], heatmap: Optional[str
     if heatmap:
         pyplot()  # before the training, not after it
     trainer = Trainer(cfg, ctx)
+    agree(ctx, trainer.runlog.record)
     trainer.auto.probs = True  # the scoring pass also keeps the mean softmax: the matrices need it
     if ctx.is_main:
         print(f"estimating the noise rate of {cfg.data.name} ({trainer.data.train.index_range} training "

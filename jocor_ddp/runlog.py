@@ -35,10 +35,15 @@ class RunLog:
         """config.yaml and noise.json, and the rows of epochs after ``completed_epochs`` dropped:
         on rank 0 (inside dist.agree), once the run knows where it starts, so that a start refused
         on a bad checkpoint leaves the folder as it was."""
-        self._writing(self._record)
+        self.record()
         self.truncate(completed_epochs)
 
-    def _record(self) -> None:
+    def record(self) -> None:
+        """config.yaml and noise.json alone (rank 0, inside dist.agree): a job that trains no run
+        of its own (estimate_noise) keeps its folder's rows."""
+        self._writing(self._write_record)
+
+    def _write_record(self) -> None:
         if self.metrics.is_file() and earlier_names(self.dir)[0]:
             # Written by an earlier version: its rows take today's names before config.yaml,
             # which says how to read them, is rewritten (read_metrics drops a line cut short).

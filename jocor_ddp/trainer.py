@@ -41,6 +41,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _load_part(path: str, name: str, load):
+    """``load()``, a part of a checkpoint's state taken in by its owner; a part of the wrong shape
+    (a damaged file whose types read_state passed) is named instead of failing deep in the owner."""
+    try:
+        return load()
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"checkpoint {path}: its {name} part is incomplete or damaged "
+                              f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from None
+
+
 class Trainer:
     def __init__(self, cfg: Config, ctx: DistContext, data: Optional[DataBundle] = None):
         self.cfg = cfg
@@ -343,10 +353,10 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint {path} does not fit this model ({self.cfg.model.arch}): "
                                   f"{str(exc).splitlines()[0]}") from None
-        self.history.load_state_dict(state.history)
+        _load_part(path, "history", lambda: self.history.load_state_dict(state.history))
         if self.auto is not None:
-            self.auto.load_state_dict(state.forget_rate)
-            self.forget_rates = self.auto.forget_rates()
+            _load_part(path, "forget_rate", lambda: self.auto.load_state_dict(state.forget_rate))
+            self.forget_rates = _load_part(path, "forget_rate", self.auto.forget_rates)
         if self.transition_auto and state.transition is not None:  # the warm-up's identity or the estimate
             self.transition = Transition.from_state(state.transition)
             self.step.values.set_transition(self.transition.matrix)
@@ -354,7 +364,7 @@ class Trainer:
             self.transition = self.transition.resumed(state.transition, path)
             self.step.values.set_transition(self.transition.matrix)
         self.step.global_step = state.global_step
-        set_rng_state(state.rng[self.ctx.rank % len(state.rng)])
+        _load_part(path, "rng", lambda: set_rng_state(state.rng[self.ctx.rank % len(state.rng)]))
         return state
 
     # --- the run --------------------------------------------------------------------
