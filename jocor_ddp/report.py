@@ -322,7 +322,7 @@ def plot_sweep(table: Table, out: Path) -> list[Path]:
 def sweep_report(args: argparse.Namespace) -> None:
     sweep = load_sweep(args.sweep)
     out = Path(args.out) if args.out else sweep.dir / "report"
-    if args.pick:
+    if args.pick is not None:  # --pick '' names no axis: an error, not the table
         pick_report(sweep, args.pick, sweep.select(args.where), out)
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -378,7 +378,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--out DIR is required with run folders")
     if args.where and not args.sweep:
         p.error("--where goes with --sweep")
-    if args.pick and not args.sweep:
+    if args.pick is not None and not args.sweep:
         p.error("--pick goes with --sweep")
     return args
 

@@ -64,9 +64,11 @@ class Verdict:
     seconds: float
     outcome: str = "clear"
     why: str = ""
+    argv: str = ""
 
     def __str__(self) -> str:
-        return f"{self.outcome}: {self.why} (exit {self.code}, {self.seconds:.1f} s)\n--- stderr\n{self.stderr[-3000:]}"
+        return (f"{self.outcome}: {self.why} (exit {self.code}, {self.seconds:.1f} s)\n--- argv {self.argv[:500]}"
+                f"\n--- stderr\n{self.stderr[-3000:]}")
 
 
 def judge(code, stderr: str, seconds: float, names: Iterable[str]) -> Verdict:
@@ -115,7 +117,9 @@ def call(main: Callable[[list[str]], int], argv: list[str], names: Iterable[str]
     except Exception:
         err.write(traceback.format_exc())
         code = 1
-    return judge(code, err.getvalue(), time.monotonic() - start, names)
+    verdict = judge(code, err.getvalue(), time.monotonic() - start, names)
+    verdict.argv = repr(argv)
+    return verdict
 
 
 def snapshot(run: Path) -> dict:
@@ -141,6 +145,10 @@ def record(family: str, verdict: Verdict, damaged: str = "") -> None:
         verdict.outcome, verdict.why = "damaged", damaged
     TALLY[family]["tried"] += 1
     TALLY[family][verdict.outcome] += 1
+    if verdict.outcome != "clear" and os.environ.get("JOCOR_FUZZ_LOG"):
+        # Shrinking keeps one failure per test: the others it met are only here.
+        with open(os.environ["JOCOR_FUZZ_LOG"], "a") as f:
+            f.write(f"=== {family}: {verdict}\n")
     assert verdict.outcome == "clear", str(verdict)
 
 

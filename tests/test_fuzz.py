@@ -13,6 +13,8 @@ at 500 inputs, about 2,500 in all):
     JOCOR_FUZZ_EXAMPLES=500 .venv/bin/python -m pytest -q tests/test_fuzz.py
 
 The session ends with the count of what was tried (conftest.py prints fuzz_inputs.summary()).
+JOCOR_FUZZ_LOG=FILE also writes every input that did not end as it must to FILE: shrinking
+reports one failure per test, and may pass over others of the same test.
 """
 
 from __future__ import annotations
@@ -402,8 +404,12 @@ def checkpoint_argv(command: str, ck: Path, data: Path, run: Path, out: Path) ->
 @fuzz(40)
 @given(case=bad_checkpoints(), command=st.sampled_from(COMMANDS))
 def test_bad_checkpoints(case, command, data, run, scratch, tiny_run):
-    # train reads its config from the command line, not the checkpoint's record of it
-    assume(not (command == "train" and case[0] == "edit" and case[1][0] == "config"))
+    # train reads its config from the command line, not the checkpoint's record of it; export
+    # reads no data, so the data the record names does not matter to it
+    edit = case[1] if case[0] == "edit" else (None, None)
+    assume(not (command == "train" and edit[0] == "config"))
+    assume(not (command == "export" and edit[0] == "config" and "data.name" in edit[1]))
+    assume(not (command == "train" and edit[0] == "data_meta"))  # train reads the data's own
     ck = run / "checkpoints" / "step-99.pt"  # the newest: where a damaged file does most harm
     write_checkpoint(ck, final_checkpoint(tiny_run), *case)
     main = {"evaluate": evaluate.main, "export": export.main, "audit": audit.main, "train": train.main}[command]
@@ -504,7 +510,9 @@ def _args_case(draw, run: Path, ck: Path, folder: Path):
         return main, [str(broken)], [str(broken)]
     main = {"evaluate": evaluate.main, "export": export.main, "audit": audit.main}[command]
     out = ["--out", str(folder / ("m.pt" if command == "export" else "a.csv" if command == "audit" else "ev"))]
-    case = draw(st.sampled_from(["missing", "folder", "shards", "root", "device", "extra", "overwrite"] +
+    # export reads no data: --root is read only for a checkpoint without data_meta
+    case = draw(st.sampled_from(["missing", "folder", "shards", "device", "extra", "overwrite"] +
+                                (["root"] if command != "export" else []) +
                                 (["split"] if command == "evaluate" else []) +
                                 (["top"] if command == "audit" else []) + (["net", "by"] if command == "export" else [])))
     if case == "missing":
@@ -738,3 +746,23 @@ def test_a_checkpoint_of_another_dataset_is_named_with_its_data(tiny_run, tmp_pa
     torch.save(_edited(torch.load(final_checkpoint(tiny_run), weights_only=True), "config", {"data.name": "cifar10"}), ck)
     assert evaluate.main([str(ck), "--out", str(tmp_path / "ev")]) == 2
     assert capsys.readouterr().err.startswith(f"error: checkpoint {ck}: its data (cifar10): cifar10: data_batch_1 not found")
+
+
+@pytest.mark.parametrize("field, value", [("history", {"bits": 1}), ("rng", []), ("rng", [1])])
+def test_a_resume_from_a_damaged_part_is_named(data, tiny_run, tmp_path, capsys, field, value):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    ck = run / "checkpoints" / "step-99.pt"
+    torch.save(_edited(torch.load(final_checkpoint(tiny_run), weights_only=True), field, value), ck)
+    assert train.main(tiny_run_args(data, run, f"train.resume={ck}")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error (rank 0): checkpoint {ck}: its {field} part is incomplete or damaged") and \
+        err.count("\n") == 1
+
+
+def test_report_pick_that_names_no_axis_is_an_error(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(SWEEP_BASE))
+    path.write_text(yaml.safe_dump({"base": str(tmp_path / "base.yaml"), "dir": str(tmp_path / "sweep"),
+                                    "axes": {"method.name": ["jocor"]}}))
+    assert report.main(["--sweep", str(path), "--pick", "", "--out", str(tmp_path / "out")]) == 2
+    assert "--pick" in capsys.readouterr().err
