@@ -26,6 +26,7 @@ import pickle
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -400,6 +401,14 @@ def write_checkpoint(path: Path, good: Path, kind: str, arg) -> None:
         path.write_bytes(pickle.dumps(Payload(str(path) + ".ran"), protocol=arg))
 
 
+def _same_records(a: Path, b: Path) -> bool:
+    try:
+        with zipfile.ZipFile(a) as za, zipfile.ZipFile(b) as zb:
+            return za.namelist() == zb.namelist() and all(za.read(n) == zb.read(n) for n in zb.namelist())
+    except Exception:  # not even a readable zip: damaged
+        return False
+
+
 def checkpoint_argv(command: str, ck: Path, data: Path, run: Path, out: Path) -> list[str]:
     if command == "train":
         return tiny_run_args(data, run, f"train.resume={ck}")
@@ -414,6 +423,9 @@ def test_bad_checkpoints(case, command, data, run, scratch, tiny_run):
         assume(command in case[1][2])
     ck = run / "checkpoints" / "step-99.pt"  # the newest: where a damaged file does most harm
     write_checkpoint(ck, final_checkpoint(tiny_run), *case)
+    # A flip in zip metadata no reader uses (the central directory's "version made by", ...)
+    # leaves every record intact: that file is not damaged.
+    assume(case[0] != "flip" or not _same_records(ck, final_checkpoint(tiny_run)))
     main = {"evaluate": evaluate.main, "export": export.main, "audit": audit.main, "train": train.main}[command]
     try:
         in_run("checkpoints", run, main, checkpoint_argv(command, ck, data, run, scratch), [str(ck)],
@@ -460,7 +472,8 @@ def bad_sweeps(draw, folder: Path):
         names = ["paper"]
     elif kind == "overrides":
         spec["overrides"] = draw(st.one_of(st.just([1]), st.just("x"),
-                                           st.sampled_from(sorted(BAD_VALUES)).map(lambda k: {k: None})))
+                                           st.sampled_from(sorted(set(BAD_VALUES) - {"method.name"})).map(
+                                               lambda k: {k: None})))  # method.name: the axis sets it
         names = ["overrides"]
     elif kind == "base":
         spec["base"] = draw(st.sampled_from([str(folder / "missing.yaml"), str(folder), "", 5]))
