@@ -3,8 +3,12 @@
 
 A checkpoint counts only once complete: rank 0 writes a temporary file, flushes and
 fsyncs it, renames it over ``RUN/checkpoints/step-N.pt`` and fsyncs the folder, so a
-crash or a preemption mid-write leaves the previous checkpoints intact. Files are read
-with ``torch.load(weights_only=True)``: a tampered checkpoint cannot run code.
+crash or a preemption mid-write leaves the previous checkpoints intact; a failed write (a
+full disk) removes its temporary file, and the next write removes those of writers that
+died. Files are read with ``torch.load(weights_only=True)``: a tampered checkpoint cannot
+run code. Before that, every record's CRC-32 (torch.save writes them into the zip) is
+checked: torch.load does not, and loads a copy with a flipped bit in its tensors as if it
+were whole (the chaos soak found it: a resume from such a file diverges silently).
 """
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ import os
 import pickle
 import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
+from .faults import chaos_armed, checkpoint_window
+
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
+TEMPORARY_RE = re.compile(r"^\.step-\d+\.pt\.tmp-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -49,15 +57,69 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_dead_temporaries(folder: Path) -> None:
+    """The temporary files of writers killed mid-write: never a checkpoint, only space."""
+    for p in folder.iterdir():
+        if (m := TEMPORARY_RE.match(p.name)) and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+
+
+class _Writes:
+    """The file torch.save writes through (it writes a file object through its ``write``
+    anyway). It keeps the OSError of a failed write: torch.save reports a full disk as
+    "unexpected pos", a RuntimeError that names no cause. Under the chaos soak it opens the
+    ``mid`` window once the first bytes are written (faults.py)."""
+
+    def __init__(self, f):
+        self.f, self.error, self.window = f, None, chaos_armed()
+
+    def write(self, data) -> int:
+        try:
+            n = self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        if self.window:
+            self.window = False
+            self.f.flush()  # the partial file is on disk while the window is open
+            checkpoint_window("mid")
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(state: dict, folder: Path, step: int, keep: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(folder)
     final = folder / f"step-{step}.pt"
     tmp = folder / f".step-{step}.pt.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            out = _Writes(f)
+            try:
+                torch.save(state, out)
+            except RuntimeError:
+                if out.error is None:
+                    raise
+                raise out.error from None
+            f.flush()
+            os.fsync(f.fileno())
+        checkpoint_window("rename")
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not be kept full by a file that is no checkpoint
+        raise
     _fsync_dir(folder)
     for old in list_checkpoints(folder)[keep:]:
         old.unlink(missing_ok=True)
@@ -68,6 +130,7 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: not found")
+    verify_records(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -83,6 +146,19 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("format"), int):
         raise CheckpointError(f"checkpoint {path}: not a jocor_ddp checkpoint (no format marker)")
     return state
+
+
+def verify_records(path: Path) -> None:
+    """Every record of the checkpoint's zip against its CRC-32 (module docstring)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as exc:  # BadZipFile, EOFError, NotImplementedError (a flipped method field), ...
+        raise CheckpointError(f"checkpoint {path}: cannot be read: not a complete checkpoint file "
+                              f"({type(exc).__name__}: {exc})") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path}: damaged: its record {bad} does not match its CRC-32 "
+                              f"(a flipped bit or a bad copy)")
 
 
 def find_resume(resume: str, folder: Path, read: Callable[[Path], Any] = load_checkpoint) -> tuple[Optional[Path], Any]:
