@@ -167,8 +167,13 @@ class Soak:
         if not moment:
             return None
         fault = Fault(kind, self.launches, round(time.monotonic() - self.started, 2))
+        launch, before = self.launches, starts(self.log)
         fault = getattr(self, kind)(fault)
-        self.seen = starts(self.log)
+        if fault is not None and self.launches == launch:
+            # The workers restart inside this launch: the next fault waits for a start after the
+            # ones before this fault (the restart may have printed its own already). A new
+            # launch has a new log, and launch() counted none.
+            self.seen = before
         return fault
 
     def training(self, within: float = 180) -> bool:
@@ -568,7 +573,7 @@ def main(argv=None) -> int:
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         p.error(f"--kinds: unknown {unknown}; the kinds are {', '.join(KINDS)}")
-    epochs = args.epochs or max(6, 2 * args.faults)  # each fault lands in about 1 s of training
+    epochs = args.epochs or max(6, 3 * args.faults)  # a fault costs 1-2 epochs: training till it, lost after it
     result = run_soak(Path(args.out), args.faults, args.seed, kinds, args.source, epochs)
     return 0 if result["ok"] else 1
 

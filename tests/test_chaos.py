@@ -37,7 +37,7 @@ SHORT_KINDS = [k for k in KINDS if k != "stop_rank"]
 @pytest.mark.slow
 def test_short_chaos_soak_ends_bit_identical(tmp_path):
     result = run_soak(tmp_path, faults=len(SHORT_KINDS), seed=7, kinds=SHORT_KINDS, source="memory",
-                      epochs=2 * len(SHORT_KINDS))
+                      epochs=3 * len(SHORT_KINDS))
     assert result["problems"] == [] and result["not_injected"] == 0, result
     assert result["faults"] == len(SHORT_KINDS) == result["survived"], result["fault_log"]
     assert all(v["injected"] == 1 for v in result["by_kind"].values())
