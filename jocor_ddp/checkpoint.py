@@ -3,8 +3,13 @@
 
 A checkpoint counts only once complete: rank 0 writes a temporary file, flushes and
 fsyncs it, renames it over ``RUN/checkpoints/step-N.pt`` and fsyncs the folder, so a
-crash or a preemption mid-write leaves the previous checkpoints intact. Files are read
-with ``torch.load(weights_only=True)``: a tampered checkpoint cannot run code.
+crash or a preemption mid-write leaves the previous checkpoints intact; a failed write (a
+full disk) removes its temporary file, and the next write removes those of writers that
+died. Files are read with ``torch.load(weights_only=True)``: a tampered checkpoint cannot
+run code. Before that, every record's CRC-32 (torch.save writes them into the zip) is
+checked: torch.load does not, and loads a copy with a flipped bit in its tensors as if it
+were whole (the chaos soak and the fuzz both found it: a resume from such a file diverges
+silently).
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .faults import chaos_armed, checkpoint_window
+
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
+TEMPORARY_RE = re.compile(r"^\.step-\d+\.pt\.tmp-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -51,15 +59,69 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_dead_temporaries(folder: Path) -> None:
+    """The temporary files of writers killed mid-write: never a checkpoint, only space."""
+    for p in folder.iterdir():
+        if (m := TEMPORARY_RE.match(p.name)) and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+
+
+class _Writes:
+    """The file torch.save writes through (it writes a file object through its ``write``
+    anyway). It keeps the OSError of a failed write: torch.save reports a full disk as
+    "unexpected pos", a RuntimeError that names no cause. Under the chaos soak it opens the
+    ``mid`` window once the first bytes are written (faults.py)."""
+
+    def __init__(self, f):
+        self.f, self.error, self.window = f, None, chaos_armed()
+
+    def write(self, data) -> int:
+        try:
+            n = self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        if self.window:
+            self.window = False
+            self.f.flush()  # the partial file is on disk while the window is open
+            checkpoint_window("mid")
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(state: dict, folder: Path, step: int, keep: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(folder)
     final = folder / f"step-{step}.pt"
     tmp = folder / f".step-{step}.pt.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            out = _Writes(f)
+            try:
+                torch.save(state, out)
+            except RuntimeError:
+                if out.error is None:
+                    raise
+                raise out.error from None
+            f.flush()
+            os.fsync(f.fileno())
+        checkpoint_window("rename")
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not be kept full by a file that is no checkpoint
+        raise
     _fsync_dir(folder)
     for old in list_checkpoints(folder)[keep:]:
         old.unlink(missing_ok=True)

@@ -8,15 +8,22 @@ below return their input unchanged.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import gc
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from . import PARENT_AT_START
 from .config import Config, ConfigError
+
+# prctl(2): the signal the kernel sends this process when its parent ends.
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -62,8 +69,34 @@ def pick_device(requested: str = "auto", local_rank: int | None = None, what: st
     return torch.device("cpu")
 
 
+def die_with_launcher() -> None:
+    """Under torchrun (Linux), have the kernel SIGKILL this worker when its launcher ends.
+
+    A launcher killed outright (SIGKILL: the out-of-memory killer, a hand's kill -9) cannot
+    stop its workers, and orphaned workers went on: waiting in the rendezvous store for more
+    than six minutes, or training and writing checkpoints into the run folder that the next
+    attempt, on the same port, uses. SIGKILL, not SIGTERM: a stop checkpoint written by orphans
+    would race the next attempt's reads; the work since the last checkpoint is lost, as in any
+    crash. A launcher that died before this call (while torch was imported) is seen by the
+    parent having changed since the process started, and the worker ends the same way."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # a kernel without it: the store's timeout (dist.timeout_s) still ends an orphan
+    if os.getppid() != PARENT_AT_START:
+        try:
+            sys.stderr.write(f"error (rank {os.environ.get('RANK', '?')}): the launcher (pid {PARENT_AT_START}) "
+                             f"is gone; this orphaned worker ends itself\n")
+            sys.stderr.flush()
+        except OSError:
+            pass  # the launcher's stderr may be gone with it
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init_distributed(cfg: Config) -> DistContext:
     """Read torchrun's environment, pick the device, join the process group."""
+    die_with_launcher()
     rank = rank_from_env()
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)

@@ -6,6 +6,12 @@ stops answering, so its peers wait in a collective) or ``nan`` (its logits turn 
 that step). Faults fire only in a job's first attempt
 (TORCHELASTIC_RESTART_COUNT 0), so a job restarted by ``torchrun --max-restarts`` runs on.
 Without the variable nothing here costs anything.
+
+``JOCOR_CHAOS_DIR=DIR`` opens windows for the chaos soak (tests/chaos_soak.py), which kills
+from outside the job: a checkpoint write that finds the file DIR/arm-WHERE (WHERE: ``mid``,
+once the first bytes are in the temporary file; ``rename``, once that file is complete and
+synced, before its rename) removes it, writes DIR/at-WHERE-PID and waits CHAOS_WINDOW_S
+there. Without the variable it costs one lookup of the environment per checkpoint.
 """
 
 from __future__ import annotations
@@ -14,8 +20,12 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 KINDS = ("crash", "sigterm", "hang", "nan")
+CHAOS_DIR = "JOCOR_CHAOS_DIR"
+# Long enough for a driver polling every 50 ms on a loaded machine to see the marker and kill.
+CHAOS_WINDOW_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -58,3 +68,20 @@ class FaultInjector:
     def fires(self, kind: str, step: int) -> bool:
         """Whether a fault of ``kind`` is due at ``step`` (the step applies ``nan`` itself)."""
         return any(f.kind == kind and f.step == step for f in self.faults)
+
+
+def chaos_armed() -> bool:
+    return bool(os.environ.get(CHAOS_DIR))
+
+
+def checkpoint_window(where: str) -> None:
+    """Wait in the window WHERE of a checkpoint write if the soak armed it (module docstring)."""
+    folder = os.environ.get(CHAOS_DIR)
+    if not folder:
+        return
+    try:
+        (Path(folder) / f"arm-{where}").unlink()
+    except FileNotFoundError:
+        return
+    (Path(folder) / f"at-{where}-{os.getpid()}").touch()
+    time.sleep(CHAOS_WINDOW_S)
