@@ -78,7 +78,9 @@ def die_with_launcher() -> None:
     attempt, on the same port, uses. SIGKILL, not SIGTERM: a stop checkpoint written by orphans
     would race the next attempt's reads; the work since the last checkpoint is lost, as in any
     crash. A launcher that died before this call (while torch was imported) is seen by the
-    parent having changed since the process started, and the worker ends the same way."""
+    parent having changed since the process started, and the worker ends the same way. One
+    that died before ``import jocor_ddp`` (the interpreter's first milliseconds) cannot be told
+    from the reaper that took over: that orphan ends at the store's timeout, dist.timeout_s."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)

@@ -64,6 +64,8 @@ ORPHAN_GRACE_S = 10.0
 RESIZE_ATOL = 1e-4
 # dist.timeout_s of the soak's job: how long the peers of a stopped rank wait.
 TIMEOUT_S = 8
+# Launches the job gets after the last fault to complete.
+FINAL_LAUNCHES = 5
 # In rank 0's start-up line (trainer._announce), printed by every start of the workers.
 STARTED = " rank(s) on "
 
@@ -227,7 +229,7 @@ class Soak:
         return fault
 
     def kill_launcher(self, fault: Fault) -> Fault:
-        workers = [pid for pid in children(self.proc.pid)]
+        workers = children(self.proc.pid)
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         start, gone = time.monotonic(), False
@@ -523,15 +525,22 @@ def run_soak(out: Path, faults: int, seed: int, kinds: list[str], source: str, e
         soak.faults.append(fault)
         print(f"  fault {len(soak.faults):3d}: {fault.kind:16s} launch {fault.launch:3d} at {fault.at_s:5.2f} s  "
               f"{'ok' if fault.survived else 'NOT SURVIVED'}  {fault.detail}", flush=True)
-    while not soak.complete():
+    # The faults are done: the job must now finish, within a few launches (a job that fails at
+    # every start is a finding, not a reason to relaunch it for ever).
+    relaunches = 0
+    while not soak.complete() and relaunches <= FINAL_LAUNCHES:
         if soak.running():
             soak.wait(timeout=1800)
         else:
+            relaunches += 1
             soak.launch()
     if soak.running():
         soak.wait(timeout=600)
     wall = time.monotonic() - start
     problems, held = verdict(soak, ref)
+    if not soak.complete():
+        problems.insert(0, f"the job did not complete in {FINAL_LAUNCHES} launches after the last fault "
+                           f"(logs: {out / 'logs'})")
     restarts = sum(max(0, starts(p) - 1) for p in (out / "logs").glob("launch-*.log"))
     by_kind = {k: {"injected": sum(f.kind == k for f in soak.faults),
                    "survived": sum(f.kind == k and f.survived for f in soak.faults)} for k in kinds}

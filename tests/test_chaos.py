@@ -42,12 +42,15 @@ def test_short_chaos_soak_ends_bit_identical(tmp_path):
     assert result["problems"] == [] and result["not_injected"] == 0, result
     assert result["faults"] == len(SHORT_KINDS) == result["survived"], result["fault_log"]
     assert all(v["injected"] == 1 for v in result["by_kind"].values())
-    assert result["held"].startswith("final checkpoint bit-identical"), result["held"]
+    # Bit for bit; the resize's other world size may round differently on another CPU, and is
+    # held to the documented guarantee there (parameters within chaos_soak.RESIZE_ATOL).
+    assert result["held"].startswith(("final checkpoint bit-identical", "final parameters within")), result["held"]
 
 
 WORKER = """
 import os, sys, time
 import jocor_ddp                      # first, as in python -m jocor_ddp.train
+open(sys.argv[2] + "-started." + os.environ["RANK"], "w").close()
 time.sleep(float(sys.argv[1]))        # importing torch and the rest takes this long
 from jocor_ddp.config import load_config
 from jocor_ddp.dist import init_distributed
@@ -67,9 +70,14 @@ def test_workers_end_with_their_launcher(tmp_path, launcher_dies):
                                  "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), str(delay),
                                  str(marker)], cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
+    workers: list[int] = []
     try:
         end = time.monotonic() + 60
         while len(workers := children(launcher.pid)) < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        # Past `import jocor_ddp`: a launcher that dies before it is the blind window that
+        # dist.die_with_launcher documents (the parent is then already the reaper).
+        while len(list(tmp_path.glob("asked-started.*"))) < 2 and time.monotonic() < end:
             time.sleep(0.05)
         if delay == 0.0:
             while len(list(tmp_path.glob("asked.*"))) < 2 and time.monotonic() < end:
@@ -83,8 +91,8 @@ def test_workers_end_with_their_launcher(tmp_path, launcher_dies):
         assert not any(alive(p) for p in workers), f"orphaned workers still alive: {workers}"
         if delay:
             assert not list(tmp_path.glob("asked.*"))  # they ended instead of going on
-    finally:
-        for p in children(launcher.pid) + [launcher.pid]:
+    finally:  # orphans are no longer the launcher's children: kill them by their pids
+        for p in set(workers + children(launcher.pid) + [launcher.pid]):
             if alive(p):
                 os.kill(p, signal.SIGKILL)
 
