@@ -292,6 +292,21 @@ class MethodConfig:
     # warm-up's weights. true: 2.4 and 2.9 points better last-5 test accuracy on
     # Fashion-MNIST at symmetric 50% and pairflip 45% (docs/methods.md).
     reinit_after_warmup: bool = True
+    # method.transition auto: rounds of refinement after the first estimate. Each trains
+    # method.refine_epochs epochs of F-correction with the current estimate (no selection: every
+    # sample, the hard classes too), then estimates T again, the same anchor-set rule, from
+    # that pair, and the run trains on with it (no re-initialisation). Why: the first estimate
+    # reads a pair trained on the noisy labels, which is confidently wrong on whole groups of a
+    # class (Fashion-MNIST's shirts as T-shirts at pairflip 45%), and those anchors carry their
+    # own class's labels into another row; a pair trained with the corrected loss is right on
+    # far more of its confident samples. 2 rounds of 5: from the warm-up's estimate, pairflip
+    # 45%'s error 0.382 -> 0.084 -> 0.030 (docs/methods.md). 0: the first estimate only.
+    refine_rounds: int = 2
+    # method.transition auto: the epochs of F-correction in each refinement round. 5: the
+    # corrected pair's anchors are then as clean as they get (Fashion-MNIST, MLP pair: 0.03 to
+    # 0.06 from the third epoch on); method.warmup_epochs + rounds x epochs must be below
+    # train.epochs.
+    refine_epochs: int = 5
 
     def __post_init__(self):
         _choice("method.name", self.name, method_names())
@@ -309,6 +324,13 @@ class MethodConfig:
         _above("method.exponent", self.exponent, 0)
         _at_least("method.init_epoch", self.init_epoch, 0)
         _at_least("method.warmup_epochs", self.warmup_epochs, 1)
+        _at_least("method.refine_rounds", self.refine_rounds, 0)
+        _at_least("method.refine_epochs", self.refine_epochs, 1)
+
+    def transition_estimate_epochs(self) -> list[int]:
+        """method.transition auto: the (0-based) epochs at whose end T is estimated, the first
+        estimate then each refinement."""
+        return [self.warmup_epochs - 1 + k * self.refine_epochs for k in range(self.refine_rounds + 1)]
 
     def _check_transition(self) -> None:
         """The form only: the file is read by the trainer, once it knows the classes (a
@@ -456,6 +478,13 @@ class Config:
             raise ConfigError(f"method.warmup_epochs: {self.method.warmup_epochs} with train.epochs="
                               f"{self.train.epochs}: method.transition auto estimates T after the warm-up, so "
                               f"it must end before the last epoch (at most {self.train.epochs - 1})")
+        last = self.method.transition_estimate_epochs()[-1] + 1
+        if self.method.transition == "auto" and self.method.refine_rounds and last >= self.train.epochs:
+            m = self.method
+            raise ConfigError(f"method.refine_rounds: {m.refine_rounds} of method.refine_epochs={m.refine_epochs} "
+                              f"after method.warmup_epochs={m.warmup_epochs} end at epoch {last}, with train.epochs="
+                              f"{self.train.epochs}: the last refinement must end before the last epoch; fewer "
+                              f"rounds or epochs (method.refine_rounds=0: the first estimate only)")
 
     def check_world_size(self, world_size: int) -> None:
         if self.train.batch_size % world_size:

@@ -5,7 +5,8 @@ RUN/transition.json.
 T[i, j] = P(noisy j | clean i), C x C for the data's C classes, float64 on the host. It comes
 from a file (.json, .csv, .npy), is the matrix of the noise the config drew (``true``) or is
 estimated inside the run (``auto``: the identity, "auto: warm-up", for method.warmup_epochs,
-then ``transition.correction_estimate`` at the end of the last warm-up epoch). The step reads it as log T
+then ``transition.correction_estimate`` at the end of the last warm-up epoch and again at the
+end of each of method.refine_rounds rounds of method.refine_epochs). The step reads it as log T
 from one device buffer (``methods.EpochValues.set_transition``): the estimate is copied into
 the same buffer, so a captured step reads it.
 """
@@ -31,6 +32,12 @@ from .registry import get_method
 ROW_SUM_TOLERANCE = 1e-6
 # method.transition auto: the source of T before the estimate (the identity).
 WARMUP_SOURCE = "auto: warm-up"
+
+
+def estimate_source(epoch: int, refinement: int) -> str:
+    """method.transition auto: the source of T estimated at the end of (0-based) ``epoch``, the
+    first estimate (``refinement`` 0) or the k-th refinement."""
+    return f"auto: anchor set, epoch {epoch + 1}" + (f" (refinement {refinement})" if refinement else "")
 
 
 @dataclass

@@ -12,24 +12,32 @@ After it, the noise transition matrix estimated from the last epoch's scoring pa
 of ``transition.py`` (the anchor set and Patrini's), and where the labels' clean ones are known
 (noise.json's ``empirical_transition``) that matrix and each estimate's mean row L1 distance
 to it; ``--heatmap FILE.png`` draws them side by side (matplotlib, the ``[report]`` extra).
+Then the refinement of ``method.transition: auto`` (method.refine_rounds rounds of
+method.refine_epochs; 0 rounds: none): a fresh pair trained with F-correction on the anchor
+set's T, the anchor set read again from it after each round (docs/methods.md says why).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from .config import Config
+from .correction import Transition
 from .dist import DistContext, agree
 from .job import CommandError, run_job
 from .noise_rate import ANCHOR_SHARE
 from .trainer import Trainer
-from .transition import (ANCHOR_SET, PATRINI, PATRINI_PERCENTILE, TITLES, draw_matrices, estimate_transitions,
-                         mean_row_l1, undecided_line)
+from .transition import (ANCHOR_SET, PATRINI, PATRINI_PERCENTILE, TITLES, correction_estimate, draw_matrices,
+                         estimate_transitions, mean_row_l1, undecided_line)
 
 # Matrices of more classes than this are not printed (they are in --out and --heatmap).
 PRINT_MAX_CLASSES = 20
@@ -85,23 +93,81 @@ def summary(trainer: Trainer, rows: list[dict]) -> str:
     return text
 
 
-def transitions(trainer: Trainer, epoch: int) -> dict:
-    """Both transition-matrix estimates from the last scoring pass, and where the clean labels
-    are known the empirical matrix and each estimate's mean row L1 distance to it."""
-    found = estimate_transitions(trainer.auto.evidence, trainer.data.num_classes)
+def transitions(trainer: Trainer, epoch: int, evidence: Optional[dict] = None) -> dict:
+    """Both transition-matrix estimates from the last scoring pass (``evidence``; default: the
+    noise-rate estimate's), and where the clean labels are known the empirical matrix and each
+    estimate's mean row L1 distance to it."""
+    found = estimate_transitions(trainer.auto.evidence if evidence is None else evidence, trainer.data.num_classes)
     noise = trainer.data.noise
     empirical = None if noise is None else noise.empirical_transition
     result = {"epoch": epoch, "anchor_share": ANCHOR_SHARE, "percentile": PATRINI_PERCENTILE,
               EMPIRICAL: empirical, "requested": None if noise is None else noise.transition}
     for name, est in found.items():
-        result[name] = {**est.to_dict(), "error": None if empirical is None else mean_row_l1(est.matrix, empirical)}
+        result[name] = {**est.to_dict(), "error": error(est.matrix, empirical)}
     return result
+
+
+def error(matrix, empirical) -> Optional[float]:
+    return None if empirical is None else mean_row_l1(matrix, empirical)
+
+
+def refine(trainer: Trainer, first: dict) -> list[dict]:
+    """method.transition auto's refinement, from the anchor set of the noise-rate pass (``first``,
+    from ``transitions``): a fresh pair of the same config trained with F-correction on it for
+    method.refine_epochs, the anchor set read again from that pair's scoring pass (its undecided
+    rows keep the T it trained with, as in a run), and so on for method.refine_rounds. Returns a
+    ``transitions`` record per round, whose anchor set is the refined T. The pair is the first
+    pass's data with fresh weights (train.seed), not the run's warm-up pair: F-correction's run
+    warms up with plain cross-entropy instead (docs/methods.md)."""
+    cfg, ctx, c = trainer.cfg, trainer.ctx, trainer.data.num_classes
+    rounds, epochs = cfg.method.refine_rounds, cfg.method.refine_epochs
+    # The rounds are driven from here (Trainer.fit never runs): the warm-up and refinement keys
+    # are set only so that the config validates; train.epochs so that the schedules cover them.
+    method = dataclasses.replace(cfg.method, name="fcorrection", transition="auto", forget_rate=None,
+                                 warmup_epochs=1, refine_rounds=0)
+    train = dataclasses.replace(cfg.train, epochs=max(cfg.train.epochs, rounds * epochs + 1))
+    run = dataclasses.replace(cfg.run, dir=str(Path(cfg.run.dir) / "refine"))
+    pair = Trainer(dataclasses.replace(cfg, method=method, train=train, run=run), ctx, data=trainer.data)
+    pair.use_transition(Transition(np.array(first[ANCHOR_SET]["matrix"], dtype=np.float64),
+                                   f"anchor set, epoch {first['epoch']}"))
+    found = []
+    for k in range(1, rounds + 1):
+        start = time.perf_counter()
+        for epoch in range((k - 1) * epochs, k * epochs):
+            pair.train_epoch(epoch)
+        trained_s = time.perf_counter() - start
+        evidence = pair.score_training_split()
+        matrix, record, lines = correction_estimate(evidence, c, k * epochs - 1, k, previous=pair.transition.matrix)
+        pair.use_transition(Transition(matrix, f"anchor set, refinement {k}"))
+        result = transitions(trainer, k * epochs, evidence)
+        result[ANCHOR_SET] = {"matrix": matrix.tolist(), "undecided": record["undecided"],
+                              "error": error(matrix, result[EMPIRICAL])}
+        result["refinement"] = k
+        found.append(result)
+        if ctx.is_main:
+            for line in lines:
+                print(line, flush=True)
+            errors = ("" if result[EMPIRICAL] is None else
+                      f": mean row L1 to the empirical T {result[ANCHOR_SET]['error']:.3f} (Patrini's from the "
+                      f"same pass {result[PATRINI]['error']:.3f})")
+            print(f"refinement {k}/{rounds}: {epochs} epoch(s) of F-correction with the last estimate, then the anchor "
+                  f"set again{errors} ({trained_s:.1f}s training, {time.perf_counter() - start - trained_s:.1f}s "
+                  f"scoring)", flush=True)
+    return found
 
 
 def matrix_lines(matrix: list) -> list[str]:
     if len(matrix) > PRINT_MAX_CLASSES:
         return [f"  ({len(matrix)} x {len(matrix)}: in --out and --heatmap)"]
     return [f"  {i:>2}: " + " ".join(f"{v:.3f}" for v in row) for i, row in enumerate(matrix)]
+
+
+def refined_lines(found: dict, rounds: int) -> list[str]:
+    """The refined T under its heading, 3 decimals."""
+    error = found[ANCHOR_SET]["error"]
+    return [f"refined (the anchor set after {rounds} round(s) of F-correction, method.transition auto's refinement)"
+            + ("" if error is None else f": mean row L1 to the empirical T {error:.3f}"),
+            *matrix_lines(found[ANCHOR_SET]["matrix"])]
 
 
 def transition_lines(found: dict) -> list[str]:
@@ -135,11 +201,14 @@ def pyplot():
     return plt
 
 
-def draw_heatmap(found: dict, path: str) -> None:
-    """The estimated matrices and the empirical one, side by side."""
-    panels = [(f"{TITLES[name]}" + ("" if found[name]["error"] is None else
-                                    f"\nmean row L1 {found[name]['error']:.3f}"), found[name]["matrix"])
-              for name in (ANCHOR_SET, PATRINI)]
+def draw_heatmap(found: dict, path: str, refined: Optional[dict] = None) -> None:
+    """The estimated matrices (the refined one where there is one) and the empirical one, side
+    by side."""
+    def title(name, record):
+        return name + ("" if record["error"] is None else f"\nmean row L1 {record['error']:.3f}")
+    panels = [(title(TITLES[name], found[name]), found[name]["matrix"]) for name in (ANCHOR_SET, PATRINI)]
+    if refined is not None:
+        panels.append((title(f"{TITLES[ANCHOR_SET]}, refined", refined[ANCHOR_SET]), refined[ANCHOR_SET]["matrix"]))
     if found[EMPIRICAL] is not None:
         panels.append(("empirical (drawn labels)", found[EMPIRICAL]))
     draw_matrices(pyplot(), panels, path)
@@ -155,15 +224,19 @@ def run(cfg: Config, ctx: DistContext, out: Optional[str], heatmap: Optional[str
         print(f"estimating the noise rate of {cfg.data.name} ({trainer.data.train.index_range} training "
               f"samples): {trainer.auto.last_epoch + 1} epoch(s) of {cfg.method.name} training", flush=True)
     rows = estimate(trainer)
+    found = transitions(trainer, rows[-1]["epoch"])  # the gathered evidence: the same on every rank
     if ctx.is_main:
         print(summary(trainer, rows), flush=True)
-        found = transitions(trainer, rows[-1]["epoch"])
         print("\n".join(transition_lines(found)), flush=True)
+    refined = refine(trainer, found) if cfg.method.refine_rounds else []  # collectives: every rank
+    if ctx.is_main:
+        if refined:
+            print("\n".join(refined_lines(refined[-1], cfg.method.refine_rounds)), flush=True)
         if out:
             Path(out).write_text(json.dumps({"estimate": trainer.auto.estimate, "epochs": rows,
-                                             "transition": found}, indent=1))
+                                             "transition": found, "refinements": refined}, indent=1))
         if heatmap:
-            draw_heatmap(found, heatmap)
+            draw_heatmap(found, heatmap, refined[-1] if refined else None)
             print(f"heatmap: {heatmap}", flush=True)
 
 

@@ -134,17 +134,27 @@ def estimated_transition(run: Path, rows: list[dict]) -> Optional[dict]:
     4-decimal copy where that file is gone) and Patrini's estimate from the same scoring pass
     (the row's), each with its mean row L1 distance to the drawn labels' empirical T where
     RUN/noise.json records one."""
-    row = next((r for r in reversed(rows) if isinstance(r.get("transition_estimate"), dict)), None)
-    if row is None:
+    estimates = [r for r in rows if isinstance(r.get("transition_estimate"), dict)]
+    if not estimates:
         return None
+    row = estimates[-1]  # the last: the first estimate, or its last refinement (method.refine_rounds)
     found = row["transition_estimate"]
     trained = read_json(run / TRANSITION) or {}
     exact = trained.get("matrix") if str(trained.get("source", "")).startswith("auto: anchor set") else None
     empirical = (read_json(run / NOISE) or {}).get("empirical_transition")
-    matrices = {ANCHOR_SET: exact or found.get("matrix"), PATRINI: (found.get(PATRINI) or {}).get("matrix")}
-    return {"epoch": found.get("epoch", row["epoch"]), "undecided": found.get("undecided", {}),
-            **matrices, "empirical": empirical,
-            "error": {name: mean_row_l1(m, empirical) if m and empirical else None for name, m in matrices.items()}}
+
+    def errors(matrices: dict) -> dict:
+        return {name: mean_row_l1(m, empirical) if m and empirical else None for name, m in matrices.items()}
+
+    def matrices(record: dict) -> dict:
+        return {ANCHOR_SET: record.get("matrix"), PATRINI: (record.get(PATRINI) or {}).get("matrix")}
+    earlier = [{"epoch": r["transition_estimate"].get("epoch", r["epoch"]),
+                "refinement": r["transition_estimate"].get("refinement", 0),
+                "error": errors(matrices(r["transition_estimate"]))} for r in estimates[:-1]]
+    final = {**matrices(found), ANCHOR_SET: exact or found.get("matrix")}
+    return {"epoch": found.get("epoch", row["epoch"]), "refinement": found.get("refinement", 0),
+            "undecided": found.get("undecided", {}), **final, "empirical": empirical, "error": errors(final),
+            "earlier": earlier}
 
 
 def run_names(runs: list[Path]) -> list[str]:
@@ -182,12 +192,19 @@ def markdown_table(summaries: list[RunSummary]) -> str:
 
 def transition_markdown(name: str, t: dict) -> list[str]:
     """A run's estimated T: how far each estimate is from the empirical T, then the matrix."""
+    refined = f", refinement {t['refinement']}" if t.get("refinement") else ""
     lines = [f"### Transition matrix of {name}: T[i, j] = P(given label j | clean class i), estimated after "
-             f"epoch {t['epoch']} (the {TITLES[ANCHOR_SET]}, what the run trained with)", ""]
-    errors = [f"{TITLES[n]} {t['error'][n]:.3f}" for n in (ANCHOR_SET, PATRINI) if t["error"][n] is not None]
-    if errors:
-        lines += [f"Mean row L1 distance to the empirical T of the drawn labels (noise.json): {', '.join(errors)} "
+             f"epoch {t['epoch']} (the {TITLES[ANCHOR_SET]}{refined}, what the run trained with)", ""]
+
+    def errors(error: dict) -> str:
+        return ", ".join(f"{TITLES[n]} {error[n]:.3f}" for n in (ANCHOR_SET, PATRINI) if error[n] is not None)
+    if errors(t["error"]):
+        lines += [f"Mean row L1 distance to the empirical T of the drawn labels (noise.json): {errors(t['error'])} "
                   "(Patrini's estimator from the same scoring pass, for comparison).", ""]
+    before = [f"epoch {e['epoch']}" + (f" (refinement {e['refinement']})" if e["refinement"] else "")
+              + f": {errors(e['error'])}" for e in t.get("earlier", []) if errors(e["error"])]
+    if before:
+        lines += [f"The estimates before it, the same distances: {'; '.join(before)}.", ""]
     if t["undecided"]:
         lines += [f"Undecided rows, the identity: {', '.join(sorted(t['undecided'], key=int))}.", ""]
     matrix = t[ANCHOR_SET]

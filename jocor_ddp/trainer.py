@@ -20,7 +20,7 @@ from . import __version__
 from .autorate import AutoForgetRate, gather_evidence, score_evidence
 from .checkpoint import CheckpointError, checkpoint_dir, find_resume, list_checkpoints, rng_state, save_checkpoint, set_rng_state
 from .config import Config
-from .correction import WARMUP_SOURCE, Transition, resolve_transition
+from .correction import WARMUP_SOURCE, Transition, estimate_source, resolve_transition
 from .data import DataBundle, EvalLoader, agree_on_error, build_data
 from .dist import DistContext, agree, all_gather_objects, all_reduce_sum, broadcast_buffers, max_over_ranks
 from .models import ModelPair, build_pair
@@ -65,8 +65,10 @@ class Trainer:
             self.transition = agree(ctx, lambda: resolve_transition(
                 cfg.method, cfg.noise.type, self.data.num_classes, self.data.noise, self.data.labels_noisy),
                 every_rank=True)
-        # method.transition auto: the identity until the end of epoch warmup_epochs, then estimated.
+        # method.transition auto: the identity until the end of epoch warmup_epochs, then estimated,
+        # then refined method.refine_rounds times (MethodConfig.transition_estimate_epochs).
         self.transition_auto = self.transition is not None and cfg.method.transition == "auto"
+        self.transition_epochs = cfg.method.transition_estimate_epochs() if self.transition_auto else []
         # The same seed on every rank and for every world size: identical initial networks.
         pair = build_pair(cfg.model, self.data.in_channels, self.data.num_classes,
                           self.data.image_size, seed=cfg.train.seed)
@@ -236,19 +238,30 @@ class Trainer:
         return row
 
     @torch.no_grad()
-    def estimate_transition(self, epoch: int) -> dict:
-        """method.transition auto, at the end of the last warm-up epoch: score every training
-        sample once, unaugmented, estimate T from the gathered evidence (the same on every rank
-        and any world size) and put it in the step's buffer, the run folder and (with the
-        epoch's checkpoint) the checkpoint. A collective."""
+    def score_training_split(self) -> dict:
+        """Every training sample scored once, unaugmented, by the pair: the gathered evidence
+        with the mean softmax (``autorate.gather_evidence``), the same on every rank and any
+        world size. A collective."""
         broadcast_buffers(self.ctx, self.pair)
         self.pair.eval()
+        return gather_evidence(self.ctx, score_evidence(self.data.train_eval, self._scores),
+                               self.data.num_classes, probs=True)
+
+    def use_transition(self, transition: Transition) -> None:
+        """Train with ``transition`` from the next step: into the step's buffer (a captured step
+        reads it there) and, with the next checkpoint, the checkpoint."""
+        self.transition = transition
+        self.step.values.set_transition(transition.matrix)
+
+    def estimate_transition(self, epoch: int) -> dict:
+        """method.transition auto, at the end of the last warm-up epoch and of each refinement
+        round: estimate T from the training split's scoring pass and put it in the step's
+        buffer, the run folder and (with the epoch's checkpoint) the checkpoint. A collective."""
         start = time.perf_counter()
-        evidence = gather_evidence(self.ctx, score_evidence(self.data.train_eval, self._scores),
-                                   self.data.num_classes, probs=True)
-        matrix, record, lines = correction_estimate(evidence, self.data.num_classes, epoch)
-        self.transition = Transition(matrix, f"auto: anchor set, epoch {epoch + 1}")
-        self.step.values.set_transition(self.transition.matrix)
+        refinement = self.transition_epochs.index(epoch)
+        matrix, record, lines = correction_estimate(self.score_training_split(), self.data.num_classes, epoch,
+                                                    refinement, previous=self.transition.matrix)
+        self.use_transition(Transition(matrix, estimate_source(epoch, refinement)))
         self.runlog.write_transition(self.transition.record())
         if self.ctx.is_main:
             for line in lines:
@@ -385,10 +398,11 @@ class Trainer:
                 start_step, resumed = 0, None
                 if self.auto is not None and self.auto.wants(epoch):
                     row.update(self.estimate_noise(epoch))
-                if self._estimates_transition(epoch):
+                estimate = self._estimates_transition(epoch)
+                if estimate is not None:
                     row.update(self.estimate_transition(epoch))
                 row.update(self.evaluate())
-                if "transition_estimate" in row and self.cfg.method.reinit_after_warmup:
+                if estimate == 0 and self.cfg.method.reinit_after_warmup:
                     self.reinitialise()  # after the evaluation: the row scores the warm-up's pair
                 self.runlog.write(row, f" ({self.auto.describe(row)})" if "noise_estimate" in row else
                                   f" (transition matrix estimated: {self.transition.source})"
@@ -404,11 +418,15 @@ class Trainer:
             self.runlog.close()
         return rows
 
-    def _estimates_transition(self, epoch: int) -> bool:
-        """Whether the end of (0-based) epoch ``epoch`` estimates T: the last warm-up epoch, once
-        (a resumed run keeps the checkpoint's estimate)."""
-        return (self.transition_auto and epoch == self.cfg.method.warmup_epochs - 1
-                and self.transition.source == WARMUP_SOURCE)
+    def _estimates_transition(self, epoch: int) -> Optional[int]:
+        """Whether the end of (0-based) epoch ``epoch`` estimates T: None, or 0 for the first
+        estimate (the last warm-up epoch) and k for the k-th refinement. A resumed run keeps
+        its checkpoint's estimate: a checkpoint written at the end of such an epoch holds the
+        estimate, and the resumed run starts after it."""
+        if epoch not in self.transition_epochs:
+            return None
+        k = self.transition_epochs.index(epoch)
+        return k if k or self.transition.source == WARMUP_SOURCE else None
 
     def _epoch_kind(self) -> str:
         t = self.cfg.train
@@ -437,6 +455,10 @@ class Trainer:
         else:
             print(f"forget rate: tau {self.forget.tau:g} ({self.forget.why})", flush=True)
         if self.transition is not None:
-            until = (f"; estimated (anchor set) at the end of epoch {self.cfg.method.warmup_epochs}"
-                     if self.transition.source == WARMUP_SOURCE else "")
+            until = ""
+            if self.transition.source == WARMUP_SOURCE:
+                first, *refined = [e + 1 for e in self.transition_epochs]
+                until = f"; estimated (anchor set) at the end of epoch {first}"
+                if refined:
+                    until += f", refined at the end of epoch{'s' * (len(refined) > 1)} {', '.join(map(str, refined))}"
             print(f"transition matrix: {self.transition.source}{until} (RUN/{TRANSITION})", flush=True)

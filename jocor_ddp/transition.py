@@ -61,8 +61,8 @@ class TransitionEstimate:
         return {"matrix": self.matrix.tolist(), "undecided": {str(i): why for i, why in sorted(self.undecided.items())}}
 
 
-def undecided_line(name: str, row, why: str) -> str:
-    return f"warning: transition matrix ({TITLES[name]}): row {row} undecided: {why}; using the identity row"
+def undecided_line(name: str, row, why: str, fallback: str = "using the identity row") -> str:
+    return f"warning: transition matrix ({TITLES[name]}): row {row} undecided: {why}; {fallback}"
 
 
 def anchor_set_transition(pred: np.ndarray, score: np.ndarray, label: np.ndarray, num_classes: int,
@@ -131,23 +131,31 @@ def estimate_transitions(evidence: dict, num_classes: int,
             PATRINI: patrini_transition(evidence["probs"], percentile)}
 
 
-def correction_estimate(evidence: dict, num_classes: int, epoch: int) -> tuple[np.ndarray, dict, list[str]]:
+def correction_estimate(evidence: dict, num_classes: int, epoch: int, refinement: int = 0,
+                        previous: Optional[np.ndarray] = None) -> tuple[np.ndarray, dict, list[str]]:
     """method.transition auto: T from one gathered scoring pass (``autorate.gather_evidence``
     with probs, sorted by sample index: the same float64 arrays on every rank and any world
     size), the anchor-set estimate (docs/methods.md says why not Patrini's); returns T, the
     metrics row's evidence (both estimates, rounded, with their undecided rows) and the warning
-    lines. ``epoch``: 0-based, the last warm-up epoch.
+    lines. ``epoch``: 0-based, the epoch whose end estimates; ``refinement``: 0 for the first
+    estimate, k for the k-th refinement (method.refine_rounds), whose undecided rows keep
+    ``previous``'s, the T the pair was trained with, where the first estimate's are the
+    identity's.
 
     A column of zeros would give every sample labelled with that class an infinite loss: where
-    the anchors of no class carry label j, row j is the identity row too (undecided)."""
+    the anchors of no class carry label j, row j is undecided too."""
     estimates = estimate_transitions(evidence, num_classes)
     est = estimates[ANCHOR_SET]
     matrix, undecided = est.matrix.copy(), dict(est.undecided)
+    fallback = dict.fromkeys(undecided, "using the identity row")
+    if refinement > 0 and previous is not None:
+        for i in undecided:
+            matrix[i], fallback[i] = previous[i], "keeping the row it was trained with"
     for j in np.flatnonzero(matrix.sum(axis=0) == 0):
-        matrix[j] = np.eye(num_classes)[j]
+        matrix[j], fallback[int(j)] = np.eye(num_classes)[j], "using the identity row"
         undecided[int(j)] = f"no anchor of any class is labelled {j}: column {j} would be all zeros"
-    lines = [undecided_line(ANCHOR_SET, i, why) for i, why in sorted(undecided.items())]
-    row = {"source": ANCHOR_SET, "epoch": epoch + 1,
+    lines = [undecided_line(ANCHOR_SET, i, why, fallback[i]) for i, why in sorted(undecided.items())]
+    row = {"source": ANCHOR_SET, "epoch": epoch + 1, "refinement": refinement,
            "matrix": np.round(matrix, 4).tolist(),
            "undecided": {str(i): why for i, why in sorted(undecided.items())},
            PATRINI: {"matrix": np.round(estimates[PATRINI].matrix, 4).tolist(),

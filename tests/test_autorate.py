@@ -68,7 +68,8 @@ def test_estimate_noise_command_on_generated_data(data, tmp_path):
     from jocor_ddp.transition import mean_row_l1
     out, heatmap = tmp_path / "estimate.json", tmp_path / "t.png"
     proc = run_python(["-m", "jocor_ddp.estimate_noise", "data.name=mnist", f"data.root={data}", *BASE,
-                       "noise.rate=0.4", "train.epochs=4", "--out", str(out), "--run-dir", str(tmp_path / "run"),
+                       "noise.rate=0.4", "train.epochs=4", "method.refine_rounds=2", "method.refine_epochs=1",
+                       "--out", str(out), "--run-dir", str(tmp_path / "run"),
                        *(["--heatmap", str(heatmap)] if HAVE_MATPLOTLIB else [])], timeout=240)
     result = json.loads(out.read_text())
     assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3] and result["epochs"][-1]["final"]
@@ -94,6 +95,18 @@ def test_estimate_noise_command_on_generated_data(data, tmp_path):
         np.testing.assert_array_equal(printed_matrix(lines, heading), np.round(matrix, 3))
     np.testing.assert_array_equal(printed_matrix(lines, "empirical ("), np.round(found["empirical"], 3))
     assert lines.index(line) < lines.index(next(x for x in lines if x.startswith("anchor set (")))
+    # The refinement: a fresh pair trained with F-correction on the anchor set's T, read again
+    # after each round (a round's undecided rows keep the T it trained with).
+    refined = result["refinements"]
+    assert [(r["refinement"], r["epoch"]) for r in refined] == [(1, 1), (2, 2)]
+    for r in refined:
+        matrix = np.array(r["anchor_set"]["matrix"])
+        assert np.allclose(matrix.sum(1), 1.0) and r["empirical"] == found["empirical"]
+        assert r["anchor_set"]["error"] == pytest.approx(mean_row_l1(matrix, found["empirical"]), abs=1e-12)
+        rounds = next(x for x in lines if x.startswith(f"refinement {r['refinement']}/2: 1 epoch(s) of F-correction"))
+        assert f"mean row L1 to the empirical T {r['anchor_set']['error']:.3f}" in rounds, proc.stdout
+    assert not np.array_equal(refined[0]["anchor_set"]["matrix"], found["anchor_set"]["matrix"])
+    np.testing.assert_array_equal(printed_matrix(lines, "refined ("), np.round(refined[-1]["anchor_set"]["matrix"], 3))
     if HAVE_MATPLOTLIB:
         assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"heatmap: {heatmap}" in proc.stdout
 

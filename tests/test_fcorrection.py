@@ -8,6 +8,7 @@ test_losses.py; 1 process against 2 ranks: test_equivalence.py.)"""
 import contextlib
 import io
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -18,8 +19,10 @@ from jocor_ddp.checkpoint import CheckpointError, list_checkpoints
 from jocor_ddp.config import ConfigError, MethodConfig, load_config
 from jocor_ddp.correction import ROW_SUM_TOLERANCE, read_transition_file, resolve_transition
 from jocor_ddp.dist import DistContext
+from jocor_ddp.preemption import Preempted
 from jocor_ddp.state import read_state
 from jocor_ddp.trainer import Trainer
+from jocor_ddp.transition import correction_estimate
 
 T3 = [[0.8, 0.1, 0.1], [0.0, 0.7, 0.3], [0.25, 0.25, 0.5]]
 
@@ -97,6 +100,12 @@ def test_the_tolerance_is_the_stated_one(tmp_path):
      r"^method\.warmup_epochs: must be >= 1, got 0$"),
     (["method.name=fcorrection", "method.transition=auto", "method.reinit_after_warmup=1"],
      r"^method\.reinit_after_warmup: expected true or false, got 1$"),
+    (["method.name=fcorrection", "train.epochs=20"],  # the default 2 rounds of 5 after 10: the last at 20
+     r"^method\.refine_rounds: 2 of method\.refine_epochs=5 after method\.warmup_epochs=10 end at epoch 20, with "
+     r"train\.epochs=20: the last refinement must end before the last epoch; fewer rounds or epochs "
+     r"\(method\.refine_rounds=0: the first estimate only\)$"),
+    (["method.name=fcorrection", "method.refine_rounds=-1"], r"^method\.refine_rounds: must be >= 0, got -1$"),
+    (["method.name=fcorrection", "method.refine_epochs=0"], r"^method\.refine_epochs: must be >= 1, got 0$"),
     (["method.name=fcorrection", "method.transition=automatic"],
      r"method\.transition: 'automatic' is not one of the allowed forms: a \.json, \.csv or \.npy file"),
     (["method.name=fcorrection", "method.transition=T.txt"], r"method\.transition: 'T\.txt' is not one of the allowed"),
@@ -114,8 +123,12 @@ def test_fcorrection_without_a_usable_matrix_is_a_config_error(overrides, messag
 @pytest.mark.parametrize("given", [["method.transition=auto"], [], ["method.transition=null"]])
 def test_auto_is_accepted_for_fcorrection_with_a_warmup_below_the_epochs(given):
     # auto is also the default: a sweep's method axis names fcorrection and nothing else.
-    cfg = load_config(None, ["method.name=fcorrection", *given, "train.epochs=11"])
+    cfg = load_config(None, ["method.name=fcorrection", *given, "train.epochs=21"])
     assert (cfg.method.transition, cfg.method.warmup_epochs, cfg.method.reinit_after_warmup) == ("auto", 10, True)
+    assert (cfg.method.refine_rounds, cfg.method.refine_epochs) == (2, 5)
+    assert cfg.method.transition_estimate_epochs() == [9, 14, 19]  # 0-based: the ends of epochs 10, 15, 20
+    assert load_config(None, ["method.name=fcorrection", *given, "train.epochs=11",
+                              "method.refine_rounds=0"]).method.transition_estimate_epochs() == [9]
     assert load_config(None, ["method.name=jocor"]).method.transition is None
     t = resolve_transition(cfg.method, "symmetric", 4, None, labels_noisy=False)
     assert np.array_equal(t.matrix, np.eye(4)) and t.source == "auto: warm-up"
@@ -236,14 +249,15 @@ def test_stopped_mid_epoch_and_resumed_it_ends_bit_for_bit(data, tmp_path):
 
 # --- method.transition: auto ------------------------------------------------------------------
 
-AUTO = ["method.transition=auto", "method.warmup_epochs=2", "noise.type=pairflip", "noise.rate=0.3"]
+AUTO = ["method.transition=auto", "method.warmup_epochs=2", "method.refine_rounds=0", "noise.type=pairflip",
+        "noise.rate=0.3"]
 
 
 def test_auto_warms_up_as_standard_then_trains_with_its_estimate(data, tmp_path):
     """The warm-up epochs' rows (and the networks at their end) are Standard's bit for bit; at
     the end of the last one T is estimated once, into the step's buffer, the row, the
     checkpoint and RUN/transition.json; the next epoch trains with it."""
-    standard = _trainer(data, tmp_path / "standard", "method.name=standard", *AUTO[2:])
+    standard = _trainer(data, tmp_path / "standard", "method.name=standard", *AUTO[3:])
     _fit(standard)
     auto = _trainer(data, tmp_path / "auto", *AUTO, "train.epochs=3")
     assert np.array_equal(auto.transition.matrix, np.eye(10)) and auto.transition.source == "auto: warm-up"
@@ -282,6 +296,72 @@ def test_a_resumed_run_keeps_the_checkpoints_estimate_and_never_reestimates(data
     assert torch.equal(resumed.step.values.log_transition, torch.from_numpy(resumed.transition.matrix).log().float())
 
 
+REFINE = [*AUTO, "method.refine_rounds=2", "method.refine_epochs=1"]  # estimates at the ends of epochs 2, 3, 4
+
+
+def test_refinement_reestimates_after_each_round_from_the_corrected_pair_without_reinit(data, tmp_path):
+    """The first estimate at the end of the warm-up, then one per round; the pair is
+    re-initialised once, after the first; each estimate goes into the row, the step's buffer,
+    the checkpoint and RUN/transition.json, and the run trains on with the last."""
+    trainer = _trainer(data, tmp_path / "run", *REFINE, "train.epochs=5", "checkpoint.keep=20")
+    calls, reinitialise = [], trainer.reinitialise
+    trainer.reinitialise = lambda: (calls.append(trainer.transition.source), reinitialise())[1]
+    _fit(trainer)
+    assert calls == ["auto: anchor set, epoch 2"]
+    rows = metric_rows(tmp_path / "run")
+    estimates = {r["epoch"]: r["transition_estimate"] for r in rows if "transition_estimate" in r}
+    assert {e: (x["epoch"], x["refinement"]) for e, x in estimates.items()} == {2: (2, 0), 3: (3, 1), 4: (4, 2)}
+    by_epoch = {s.epoch: s.transition for s in map(read_state, list_checkpoints(tmp_path / "run" / "checkpoints"))}
+    assert [by_epoch[e]["source"] for e in (1, 2, 3, 4, 5)] == [
+        "auto: warm-up", "auto: anchor set, epoch 2", "auto: anchor set, epoch 3 (refinement 1)",
+        "auto: anchor set, epoch 4 (refinement 2)", "auto: anchor set, epoch 4 (refinement 2)"]
+    for e in (2, 3, 4):  # each estimate is its row's matrix, and differs from the one before
+        np.testing.assert_allclose(by_epoch[e]["matrix"].numpy(), np.array(estimates[e]["matrix"]), rtol=0, atol=5e-5)
+    assert not np.array_equal(by_epoch[2]["matrix"].numpy(), by_epoch[3]["matrix"].numpy())
+    t = trainer.transition
+    assert t.source == "auto: anchor set, epoch 4 (refinement 2)"
+    assert torch.equal(trainer.step.values.log_transition, torch.from_numpy(t.matrix).log().float())
+    written = json.loads((tmp_path / "run" / "transition.json").read_text())
+    assert written["source"] == t.source and np.array_equal(np.array(written["matrix"]), t.matrix)
+
+
+def test_a_run_resumed_between_refinements_goes_on_with_the_next_one(data, tmp_path):
+    """Stopped after the first refinement (epoch 3 of 5), resumed: the second refinement comes
+    at the end of epoch 4 and the rows and the final T equal an uninterrupted run's."""
+    _fit(_trainer(data, tmp_path / "whole", *REFINE, "train.epochs=5"))
+    cut = _trainer(data, tmp_path / "cut", *REFINE, "train.epochs=5")
+    saved, save = [], cut.save
+    cut.save = lambda epoch, step: (saved.append((epoch, step)), save(epoch, step))[1]
+    cut._sync_point = lambda: signal.SIGTERM if saved[-1:] == [(3, 0)] else None  # seen after epoch 3's checkpoint
+    with pytest.raises(Preempted, match="after epoch 3"):
+        _fit(cut)
+    resumed = _trainer(data, tmp_path / "cut", *REFINE, "train.epochs=5")
+    assert resumed.transition.source == "auto: warm-up"  # until restore() reads the checkpoint in fit()
+    rows = _fit(resumed)
+    assert [r["epoch"] for r in rows] == [4, 5] and rows[0]["transition_estimate"]["refinement"] == 2
+    assert metric_rows(tmp_path / "cut") == metric_rows(tmp_path / "whole")
+    assert (tmp_path / "cut" / "transition.json").read_text() == (tmp_path / "whole" / "transition.json").read_text()
+
+
+def test_a_refinements_undecided_row_keeps_the_row_it_was_trained_with():
+    """Class 2 is never predicted: the first estimate's row is the identity's, a refinement's
+    the T the pair trained with; a label no anchor carries still gives the identity row."""
+    rng = np.random.default_rng(0)
+    n, c = 400, 4
+    pred = rng.choice([0, 1, 3], n)
+    evidence = {"pred": pred, "score": rng.normal(size=n), "label": pred.copy(),
+                "probs": np.eye(c)[pred] * 0.9 + 0.1 / c}
+    evidence["label"][:40] = 2  # label 2 appears, so column 2 is not all zeros
+    previous = np.full((c, c), 0.1) + np.eye(c) * 0.6
+    first, _, first_lines = correction_estimate(evidence, c, 4)
+    refined, row, lines = correction_estimate(evidence, c, 9, 1, previous=previous)
+    assert np.array_equal(first[2], np.eye(c)[2]) and np.array_equal(refined[2], previous[2])
+    assert np.array_equal(np.delete(refined, 2, 0), np.delete(first, 2, 0))
+    assert first_lines[0].endswith("; using the identity row")
+    assert lines == [first_lines[0].replace("using the identity row", "keeping the row it was trained with")]
+    assert (row["epoch"], row["refinement"], list(row["undecided"])) == (10, 1, ["2"])
+
+
 def test_reinit_after_warmup_restarts_the_pair_and_adam_in_place(data, tmp_path):
     """The same tensors (a captured step points at them) hold fresh weights seeded by
     train.seed + 1 and a zeroed Adam; the global RNG streams are untouched."""
@@ -316,29 +396,34 @@ def test_reinit_after_warmup_the_epoch_after_the_estimate_starts_from_fresh_weig
 
 @pytest.mark.slow
 def test_the_estimate_is_the_same_under_1_and_2_ranks(data, tmp_path):
-    args = [*AUTO, "method.name=fcorrection", "train.batch_size=32", "train.epochs=3"]
+    """The first estimate and its refinement (the last T, which depends on the first)."""
+    args = [*REFINE, "method.refine_rounds=1", "method.name=fcorrection", "train.batch_size=32", "train.epochs=4"]
     run_python(train_args(data, tmp_path / "one", *args))
     run_torchrun(2, train_args(data, tmp_path / "two", *args))
     one, two = (json.loads((tmp_path / d / "transition.json").read_text()) for d in ("one", "two"))
-    assert one["source"] == "auto: anchor set, epoch 2" and one == two
+    assert one["source"] == "auto: anchor set, epoch 3 (refinement 1)" and one == two
+    rows = [[r["transition_estimate"] for r in metric_rows(tmp_path / d) if "transition_estimate" in r]
+            for d in ("one", "two")]
+    assert [r["refinement"] for r in rows[0]] == [0, 1] and rows[0] == rows[1]
     assert not np.array_equal(np.array(one["matrix"]), np.eye(10))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault,stopped_at,reinit", [
-    ("sigterm:1:10", (1, 3), "false"),   # mid-warm-up: epoch 2 of 2, step 3
-    ("sigterm:1:18", (2, 3), "false"),   # after the estimate, mid-epoch 3
-    ("sigterm:1:18", (2, 3), "true"),    # after the estimate and the re-initialisation
+@pytest.mark.parametrize("fault,stopped_at,reinit,source", [
+    ("sigterm:1:10", (1, 3), "false", "auto: warm-up"),              # mid-warm-up: epoch 2 of 2, step 3
+    ("sigterm:1:18", (2, 3), "false", "auto: anchor set, epoch 2"),  # after the estimate, mid-epoch 3
+    ("sigterm:1:18", (2, 3), "true", "auto: anchor set, epoch 2"),   # after the estimate and the re-initialisation
+    ("sigterm:1:26", (3, 3), "true", "auto: anchor set, epoch 3 (refinement 1)"),  # after the refinement
 ])
-def test_auto_stopped_mid_epoch_and_resumed_ends_bit_for_bit(data, tmp_path, fault, stopped_at, reinit):
-    args = ["train.batch_size=32", "train.epochs=4", "method.name=fcorrection", *AUTO,
+def test_auto_stopped_mid_epoch_and_resumed_ends_bit_for_bit(data, tmp_path, fault, stopped_at, reinit, source):
+    args = ["train.batch_size=32", "train.epochs=4", "method.name=fcorrection", *AUTO, "method.refine_epochs=1",
+            f"method.refine_rounds={int('refinement' in source)}",
             f"method.reinit_after_warmup={reinit}", "checkpoint.every_steps=3", "checkpoint.keep=20"]
     run_torchrun(2, train_args(data, tmp_path / "a", *args))
     run_torchrun(2, train_args(data, tmp_path / "b", *args), env=child_env(JOCOR_FAULT=fault))
     stopped = read_state(list_checkpoints(tmp_path / "b" / "checkpoints")[0])
     assert (stopped.epoch, stopped.step_in_epoch) == stopped_at
-    warm = stopped_at[0] < 2
-    assert stopped.transition["source"] == ("auto: warm-up" if warm else "auto: anchor set, epoch 2")
+    assert stopped.transition["source"] == source
     resumed = run_torchrun(2, train_args(data, tmp_path / "b", *args))
     assert "resumed from" in resumed.stdout
     assert metric_rows(tmp_path / "b") == metric_rows(tmp_path / "a")

@@ -115,6 +115,32 @@ def test_a_run_that_estimated_t_shows_it_with_both_errors(tmp_path, capsys):
     assert "Mean row L1" not in md and "| 1 | 0.700 | 0.200 | 0.100 |" in md
 
 
+
+def test_a_refined_estimate_is_shown_after_the_ones_before_it(tmp_path):
+    """method.refine_rounds: the last estimate is what the run trained with; the ones before it
+    are listed with their distances (from their rows' copies)."""
+    empirical = [[0.8, 0.1, 0.1], [0.0, 1.0, 0.0], [0.0, 0.25, 0.75]]
+    first = [[0.6, 0.2, 0.2], [0.0, 1.0, 0.0], [0.0, 0.25, 0.75]]     # row 0 off by 0.4: 0.4 / 3
+    refined = [[0.8, 0.1, 0.1], [0.0, 0.9, 0.1], [0.0, 0.25, 0.75]]   # row 1 off by 0.2: 0.2 / 3
+    rows = [row(e, 50.0, 52.0) for e in range(1, 6)]
+    rows[1]["transition_estimate"] = {"epoch": 2, "refinement": 0, "matrix": first, "undecided": {},
+                                      "patrini": {"matrix": empirical}}
+    rows[3]["transition_estimate"] = {"epoch": 4, "refinement": 1, "matrix": refined, "undecided": {},
+                                      "patrini": {"matrix": first}}
+    run = write_run(tmp_path / "fc", rows, method="fcorrection", noise=("pairflip", 0.25), transition="auto")
+    (run / "noise.json").write_text(json.dumps({"type": "pairflip", "empirical_transition": empirical}))
+    out = tmp_path / "out"
+    assert report.main([str(run), "--out", str(out), "--no-plots"]) == 0
+    md = (out / "report.md").read_text()
+    assert ("estimated after epoch 4 (the anchor set, refinement 1, what the run trained with)\n\nMean row L1 "
+            "distance to the empirical T of the drawn labels (noise.json): anchor set 0.067, Patrini 0.133") in md
+    assert "The estimates before it, the same distances: epoch 2: anchor set 0.133, Patrini 0.000." in md
+    saved = json.loads((out / "report.json").read_text())[0]["transition"]
+    assert (saved["refinement"], saved["anchor_set"]) == (1, refined)
+    assert saved["earlier"] == [{"epoch": 2, "refinement": 0,
+                                 "error": {"anchor_set": pytest.approx(0.4 / 3), "patrini": 0.0}}]
+
+
 def test_without_matplotlib_the_table_is_still_written(hand_runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     out = tmp_path / "out"
