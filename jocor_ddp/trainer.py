@@ -328,7 +328,9 @@ class Trainer:
     def _start_fresh(self) -> None:
         """A fresh start in a used run folder: the earlier run's metrics rows would mislead, and
         its checkpoints (higher step numbers) would outrank this run's, be resumed from later,
-        and make checkpoint.keep prune this run's own files. Set them aside, never delete them."""
+        and make checkpoint.keep prune this run's own files. Set them aside, never delete them:
+        the checkpoints and the rows they belong to go into one folder (with train.resume auto
+        and no checkpoint that loads, the rows are the only record of the run left)."""
         folder = checkpoint_dir(self.run_dir)
         if list_checkpoints(folder):
             k = 1
@@ -336,8 +338,12 @@ class Trainer:
                 k += 1
             aside = folder.with_name(f"checkpoints.replaced-{k}")
             folder.rename(aside)
+            moved = "checkpoints"
+            if self.runlog.metrics.is_file():
+                self.runlog.metrics.rename(aside / self.runlog.metrics.name)
+                moved += f" and their {self.runlog.metrics.name}"
             reason = "none could be loaded" if self.cfg.train.resume == "auto" else "train.resume=never"
-            print(f"warning: starting fresh ({reason}); the earlier checkpoints were moved to {aside}", flush=True)
+            print(f"warning: starting fresh ({reason}); the earlier {moved} were moved to {aside}", flush=True)
         self.runlog.begin(0)
 
     def _load_state(self, state: TrainingState, path: str) -> TrainingState:

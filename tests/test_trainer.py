@@ -119,9 +119,13 @@ def test_fresh_start_sets_an_earlier_runs_checkpoints_aside(tmp_path, mnist):
     from jocor_ddp.checkpoint import list_checkpoints
     run = tmp_path / "run"
     run_python(_args(mnist, run, "train.epochs=3", "checkpoint.keep=2"))
-    run_python(_args(mnist, run, "train.resume=never", "train.epochs=1", "checkpoint.keep=2"))
+    earlier = (run / "metrics.jsonl").read_text()
+    fresh = run_python(_args(mnist, run, "train.resume=never", "train.epochs=1", "checkpoint.keep=2"))
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-8.pt"]
     assert [p.name for p in list_checkpoints(run / "checkpoints.replaced-1")] == ["step-24.pt", "step-16.pt"]
+    # The rows of the earlier run go with its checkpoints, not lost.
+    assert (run / "checkpoints.replaced-1" / "metrics.jsonl").read_text() == earlier
+    assert f"the earlier checkpoints and their metrics.jsonl were moved to {run / 'checkpoints.replaced-1'}" in fresh.stdout
     again = run_python(_args(mnist, run, "train.epochs=2", "checkpoint.keep=2"))
     assert "step-8.pt" in again.stdout and [r["epoch"] for r in _rows(run)] == [1, 2]
 
