@@ -275,7 +275,8 @@ def plot(summaries: list[RunSummary], out: Path, acc: str) -> list[Path]:
     for s, label in zip(summaries, labels):
         t = s.transition
         if t:
-            panels = [(TITLES[n] + ("" if t["error"][n] is None else f"\nmean row L1 {t['error'][n]:.3f}"), t[n])
+            at = f", epoch {t['epoch']}" + (f" (refinement {t['refinement']})" if t.get("refinement") else "")
+            panels = [(TITLES[n] + at + ("" if t["error"][n] is None else f"\nmean row L1 {t['error'][n]:.3f}"), t[n])
                       for n in (ANCHOR_SET, PATRINI) if t[n]]
             if t["empirical"]:
                 panels.append(("empirical (drawn labels)", t["empirical"]))
