@@ -663,6 +663,18 @@ def upgrade_config(tree: dict) -> dict:
     return {**tree, "data": data}
 
 
+def written_before_refinement(tree: dict) -> dict:
+    """A config written whole (a checkpoint's) before method.refine_rounds existed: that run never
+    refined its transition estimate, so it reads as ``refine_rounds: 0``, not today's default
+    (which a short F-correction run's config would fail: the rounds must end before the last
+    epoch). Every whole config since F-correction has ``method.warmup_epochs``; ``tree`` is
+    not changed."""
+    method = tree.get("method") if isinstance(tree, dict) else None
+    if isinstance(method, dict) and "warmup_epochs" in method and "refine_rounds" not in method:
+        return {**tree, "method": {**method, "refine_rounds": 0}}
+    return tree
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     tree: dict = read_yaml_mapping(path) if path is not None else {}
     for text in overrides or []:

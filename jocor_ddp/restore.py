@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 
 from .checkpoint import CHECKPOINT_RE, CheckpointError
-from .config import Config, ConfigError, config_from_dict, upgrade_config
+from .config import Config, ConfigError, config_from_dict, upgrade_config, written_before_refinement
 from .data import DataBundle, DataError, build_data
 from .dist import DistContext, pick_device
 from .job import CommandError
@@ -63,7 +63,8 @@ def checkpoint_config(state: TrainingState, path: Path, *, shards: Optional[str]
     if not isinstance(tree, dict) or not isinstance(tree.get("data", {}), dict):
         raise CheckpointError(f"checkpoint {path}: holds no config")
     try:
-        tree = upgrade_config(tree)  # a checkpoint of an earlier version: today's names, before the overrides
+        # A checkpoint of an earlier version: today's names and what it did, before the overrides.
+        tree = written_before_refinement(upgrade_config(tree))
         data = tree.setdefault("data", {})
         if shards is not None:
             data.update(source="shards", shards=shards)

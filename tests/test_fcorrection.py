@@ -343,6 +343,21 @@ def test_a_run_resumed_between_refinements_goes_on_with_the_next_one(data, tmp_p
     assert (tmp_path / "cut" / "transition.json").read_text() == (tmp_path / "whole" / "transition.json").read_text()
 
 
+def test_a_checkpoint_written_before_the_refinement_existed_reads_as_no_refinement(data, tmp_path):
+    """Its config has no method.refine_rounds: today's default (2 rounds of 5) would make a
+    short run's config invalid for evaluate, export and audit; that run never refined."""
+    from jocor_ddp.restore import checkpoint_config
+    _fit(_trainer(data, tmp_path / "run", *AUTO, "train.epochs=3"))
+    path = list_checkpoints(tmp_path / "run" / "checkpoints")[0]
+    state = read_state(path)
+    for key in ("refine_rounds", "refine_epochs"):
+        del state.config["method"][key]
+    cfg = checkpoint_config(state, path)
+    assert (cfg.method.refine_rounds, cfg.method.transition_estimate_epochs()) == (0, [1])
+    with pytest.raises(ConfigError, match=r"^method\.refine_rounds: 2 of"):  # what it would be read as without
+        load_config(None, [*AUTO, "method.name=fcorrection", "train.epochs=3", "method.refine_rounds=2"])
+
+
 def test_a_refinements_undecided_row_keeps_the_row_it_was_trained_with():
     """Class 2 is never predicted: the first estimate's row is the identity's, a refinement's
     the T the pair trained with; a label no anchor carries still gives the identity row."""
