@@ -17,8 +17,12 @@ clean class i)) from the scoring pass of ``method.forget_rate: auto``, two ways:
 
 p(. | x) is the pair's mean softmax in float64 (``noise_rate.sample_evidence(..., probs=True)``).
 Both are pure float64 functions of the gathered per-sample values sorted by sample index
-(``autorate.gather_evidence``), with stable sorts and first-of-ties argmaxes: every rank and
-any world size get the same matrices.
+(``autorate.gather_evidence``), with stable sorts and first-of-ties argmaxes: every rank gets
+the same matrices. Under another world size each rank scores other batches, whose float32
+logits round differently: the anchor set, which counts labels and reads the scores only
+through their order, stays the same unless two scores at the edge of a class's anchors are
+within rounding of each other (the tests compare 1 process and 2 ranks); Patrini's rows,
+which are probabilities, move in the 8th decimal.
 
 **Undecided rows.** A row an estimator cannot read (the reasons below, each a warning line)
 is the identity row: that class's labels are taken as clean, so a forward correction leaves
