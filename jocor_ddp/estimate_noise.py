@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 from .config import Config
 from .correction import Transition
 from .dist import DistContext, agree
@@ -128,8 +126,10 @@ def refine(trainer: Trainer, first: dict) -> list[dict]:
     train = dataclasses.replace(cfg.train, epochs=max(cfg.train.epochs, rounds * epochs + 1))
     run = dataclasses.replace(cfg.run, dir=str(Path(cfg.run.dir) / "refine"))
     pair = Trainer(dataclasses.replace(cfg, method=method, train=train, run=run), ctx, data=trainer.data)
-    pair.use_transition(Transition(np.array(first[ANCHOR_SET]["matrix"], dtype=np.float64),
-                                   f"anchor set, epoch {first['epoch']}"))
+    # The first T as a run would train with it (correction_estimate: a label no anchor carries
+    # gets its identity row, not a column of zeros and an infinite loss).
+    start, _, _ = correction_estimate(trainer.auto.evidence, c, first["epoch"] - 1)
+    pair.use_transition(Transition(start, f"anchor set, epoch {first['epoch']}"))
     found = []
     for k in range(1, rounds + 1):
         start = time.perf_counter()
