@@ -300,12 +300,13 @@ class MethodConfig:
     # class (Fashion-MNIST's shirts as T-shirts at pairflip 45%), and those anchors carry their
     # own class's labels into another row; a pair trained with the corrected loss is right on
     # far more of its confident samples. 2 rounds of 5: from the warm-up's estimate, pairflip
-    # 45%'s error 0.382 -> 0.084 -> 0.030 (docs/methods.md). 0: the first estimate only.
+    # 45%'s error 0.382 -> 0.086 -> 0.034 in a 200-epoch run (docs/methods.md); one round is not
+    # always enough from that start. 0: the first estimate only.
     refine_rounds: int = 2
     # method.transition auto: the epochs of F-correction in each refinement round. 5: the
-    # corrected pair's anchors are then as clean as they get (Fashion-MNIST, MLP pair: 0.03 to
-    # 0.06 from the third epoch on); method.warmup_epochs + rounds x epochs must be below
-    # train.epochs.
+    # anchor set read from a corrected pair stops improving by then (Fashion-MNIST, MLP pair,
+    # one-off runs: 0.03 to 0.06 from its fourth epoch on, in all four settings measured);
+    # method.warmup_epochs + rounds x epochs must be below train.epochs.
     refine_epochs: int = 5
 
     def __post_init__(self):

@@ -128,8 +128,8 @@ def refine(trainer: Trainer, first: dict) -> list[dict]:
     pair = Trainer(dataclasses.replace(cfg, method=method, train=train, run=run), ctx, data=trainer.data)
     # The first T as a run would train with it (correction_estimate: a label no anchor carries
     # gets its identity row, not a column of zeros and an infinite loss).
-    start, _, _ = correction_estimate(trainer.auto.evidence, c, first["epoch"] - 1)
-    pair.use_transition(Transition(start, f"anchor set, epoch {first['epoch']}"))
+    first_t, _, _ = correction_estimate(trainer.auto.evidence, c, first["epoch"] - 1)
+    pair.use_transition(Transition(first_t, f"anchor set, epoch {first['epoch']}"))
     found = []
     for k in range(1, rounds + 1):
         start = time.perf_counter()

@@ -240,8 +240,9 @@ class Trainer:
     @torch.no_grad()
     def score_training_split(self) -> dict:
         """Every training sample scored once, unaugmented, by the pair: the gathered evidence
-        with the mean softmax (``autorate.gather_evidence``), the same on every rank and any
-        world size. A collective."""
+        with the mean softmax (``autorate.gather_evidence``), the same on every rank (another
+        world size scores other batches, whose logits round differently: transition.py says
+        what that moves). A collective."""
         broadcast_buffers(self.ctx, self.pair)
         self.pair.eval()
         return gather_evidence(self.ctx, score_evidence(self.data.train_eval, self._scores),
